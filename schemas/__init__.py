@@ -1,0 +1,125 @@
+"""Parquet schemas of the output tables: the only place their columns are defined.
+
+Both tables carry ``salmonn_pipeline.schema_version`` in their schema metadata. Every part the
+pipeline writes is checked against these schemas (:func:`conform`) before it is written.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"salmonn_pipeline.schema_version"
+
+# File status values.
+STATUS_OK = "ok"
+STATUS_PARTIAL = "partial"
+STATUS_ERROR = "error"
+STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_ERROR)
+
+# Segment finish reasons.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+def _with_version(fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields).with_metadata({METADATA_KEY: SCHEMA_VERSION.encode()})
+
+
+# One row per input file per run.
+FILES = _with_version([
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("etag", pa.string()),
+    pa.field("mtime", _TS),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("container", pa.string()),
+    pa.field("codec", pa.string()),
+    pa.field("sample_rate_in", pa.int32()),
+    pa.field("channels_in", pa.int32()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("n_segments", pa.int32()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("model_id", pa.string()),
+    pa.field("config_hash", pa.string()),
+    pa.field("pipeline_version", pa.string()),
+    pa.field("processed_at", _TS),
+])
+
+# One row per (file, segment, task).
+SEGMENTS = _with_version([
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("segment_index", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("lora_scale", pa.float32()),
+    pa.field("num_beams", pa.int32()),
+    pa.field("n_output_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("model_id", pa.string()),
+])
+
+TABLES: dict[str, pa.Schema] = {"files": FILES, "segments": SEGMENTS}
+
+
+class SchemaError(ValueError):
+    """A table does not match its declared schema."""
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, order, types and metadata.
+
+    Missing nullable columns are filled with nulls; a missing non-nullable column, a null in a
+    non-nullable column, an extra column or an uncastable type raises :class:`SchemaError`.
+    """
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise SchemaError(f"unexpected columns {sorted(extra)}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaError(f"column {field.name!r}: cannot cast {col.type} to {field.type}: {e}") from e
+        elif field.nullable:
+            col = pa.nulls(table.num_rows, type=field.type)
+        else:
+            raise SchemaError(f"missing required column {field.name!r}")
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"column {field.name!r} has {col.null_count} nulls but is required")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def check_values(name: str, table: pa.Table) -> None:
+    """Check the enumerated columns of a conformed table (status, finish_reason)."""
+    import pyarrow.compute as pc
+
+    if name == "files":
+        bad = pc.invert(pc.is_in(table["status"], pa.array(STATUSES)))
+        if pc.any(bad).as_py():
+            raise SchemaError(f"files.status outside {STATUSES}")
+    elif name == "segments":
+        reasons = table["finish_reason"].drop_null()
+        if len(reasons) and pc.any(pc.invert(pc.is_in(reasons, pa.array(FINISH_REASONS)))).as_py():
+            raise SchemaError(f"segments.finish_reason outside {FINISH_REASONS}")
+
+
+def schema_version(schema: pa.Schema) -> str | None:
+    """The schema version recorded in a Parquet/Arrow schema's metadata, or None."""
+    meta = schema.metadata or {}
+    value = meta.get(METADATA_KEY)
+    return value.decode() if value is not None else None
