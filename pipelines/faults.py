@@ -1,0 +1,39 @@
+"""Test hook: make a stage's worker process exit hard, to prove the run survives it.
+
+Off unless the environment variable ``SALMONN_PIPELINE_FAULTS`` holds a JSON list of rules::
+
+    [{"stage": "decode" | "infer", "uri_contains": "clip-03", "times": 1, "marker_dir": "/tmp/x"}]
+
+A rule fires (``os._exit(77)``, the stand-in for a segfault in a decoder or a CUDA fault) when a
+worker of ``stage`` handles a file whose URI contains ``uri_contains``. ``times`` bounds how often it
+fires across all processes (counted with marker files in ``marker_dir``, since the process that
+fires dies); ``times: -1`` fires every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+ENV = "SALMONN_PIPELINE_FAULTS"
+EXIT_CODE = 77
+
+
+def maybe_crash(stage: str, uri: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for rule in json.loads(spec):
+        if rule.get("stage") != stage or rule.get("uri_contains", "") not in uri:
+            continue
+        times = int(rule.get("times", 1))
+        if times >= 0:
+            marker_dir = rule["marker_dir"]
+            os.makedirs(marker_dir, exist_ok=True)
+            fired = [n for n in os.listdir(marker_dir) if n.startswith(f"{stage}-")]
+            if len(fired) >= times:
+                continue
+            with open(os.path.join(marker_dir, f"{stage}-{uuid.uuid4().hex}"), "w") as f:
+                f.write(uri)
+        os._exit(EXIT_CODE)
