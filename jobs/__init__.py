@@ -1,0 +1,1 @@
+"""Ray Job entrypoints, runtime environment and nightly schedule examples."""
