@@ -47,8 +47,9 @@ RUN_COMPLETED = "completed"
 RUN_FAILED = "failed"
 
 # File error types worth trying again on the next run (transient by nature); every other
-# committed file is skipped while its (uri, version, config_hash) is unchanged.
-RETRYABLE_ERRORS = frozenset({"read_error", "inference_error", "worker_crash", "timeout"})
+# committed file is skipped while its (uri, version, config_hash) is unchanged. worker_crash is
+# not among them: a file that kills its worker would do so again every night.
+RETRYABLE_ERRORS = frozenset({"read_error", "inference_error", "pipeline_error", "timeout"})
 
 # Storage-option keys whose values are secrets: never written to run records or logs.
 _SECRET_HINTS = ("secret", "key", "token", "password", "credential", "session", "auth")
@@ -317,7 +318,8 @@ def is_done(entry: CommittedFile | None, version: str, cfg_hash: str) -> bool:
         return False
     if entry.version != version or entry.config_hash != cfg_hash:
         return False
-    return not (entry.status == schemas.STATUS_ERROR and entry.error_type in RETRYABLE_ERRORS)
+    # a transient failure (whole file, or some windows of a partial one) is tried again
+    return entry.error_type not in RETRYABLE_ERRORS
 
 
 class Committer:

@@ -1,0 +1,224 @@
+"""`salmonn-pipeline` console script.
+
+    salmonn-pipeline run INPUT --out OUT [--tasks caption,transcribe,emotion] [--prompt NAME=TEXT] ...
+    salmonn-pipeline demo [--dir DIR]
+    salmonn-pipeline status OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("salmonn_pipeline")
+
+TINY_WARNING = (
+    "NOTE: the 'tiny' model preset has RANDOM weights: its captions, transcripts and emotion tags are "
+    "meaningless text. It exists to exercise the pipeline; use --model salmonn-13b|salmonn-7b|PATH with "
+    "real weights for real results."
+)
+
+
+def parse_value(text: str) -> Any:
+    """'true'/'false'/'null', numbers and JSON stay typed; anything else is a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; dotted keys nest (client_kwargs.endpoint_url=... -> {'client_kwargs': {...}})."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parse_value(value)
+    return out
+
+
+def build_tasks(args: argparse.Namespace) -> tuple[Any, ...]:
+    """Tasks from --tasks, --prompt, and the global/per-task generation settings."""
+    import salmonn
+
+    names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    tasks = [salmonn.builtin_task(n) for n in names]
+    for item in args.prompt or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise SystemExit(f"--prompt expects NAME=TEXT, got {item!r}")
+        tasks.append(salmonn.Task(name.strip(), text.strip(), salmonn.GenerationSettings()))
+    if not tasks:
+        raise SystemExit("no tasks: give --tasks and/or --prompt")
+    overrides = {k: v for k, v in {
+        "lora_scale": args.lora_scale, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+    }.items() if v is not None}
+    per_task = parse_kv(args.task_setting, "--task-setting")
+    out = []
+    known = {t.name for t in tasks}
+    unknown = set(per_task) - known
+    if unknown:
+        raise SystemExit(f"--task-setting names unknown task(s) {sorted(unknown)}; tasks are {sorted(known)}")
+    for t in tasks:
+        settings = dataclasses.replace(t.settings, **overrides, **per_task.get(t.name, {}))
+        out.append(dataclasses.replace(t, settings=settings))
+    return tuple(out)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="caption,transcribe,emotion",
+                   help="comma-separated built-in tasks (caption, transcribe, emotion, ...); '' for none")
+    p.add_argument("--prompt", action="append", metavar="NAME=TEXT", help="a custom task (repeatable)")
+    p.add_argument("--task-setting", action="append", metavar="TASK.KEY=VALUE",
+                   help="per-task generation setting, e.g. caption.lora_scale=2.0 (repeatable)")
+    p.add_argument("--model", default="tiny", help="tiny | salmonn-13b | salmonn-7b | PATH (default: tiny)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="model loading option, e.g. whisper=/models/whisper-large-v2 (repeatable)")
+    p.add_argument("--lora-scale", type=float, help="LoRA scale for all tasks (official 4.0; ~2.0 = 'activation')")
+    p.add_argument("--num-beams", type=int, help="beams for all tasks (1 = greedy, official 4)")
+    p.add_argument("--max-new-tokens", type=int, help="max new tokens for all tasks (official 200)")
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--window-s", type=float, default=30.0, help="window length in seconds (<= 30)")
+    p.add_argument("--hop-s", type=float, help="hop between windows (default: the window length)")
+    p.add_argument("--snap-to-silence", action="store_true", help="move cuts to the quietest 20 ms of the last 2 s")
+    p.add_argument("--channel-mode", choices=("mix", "first"), default="mix",
+                   help="mix = down-mix to mono; first = channel 0 only (the official behaviour)")
+    p.add_argument("--max-duration-s", type=float, default=12 * 3600)
+    p.add_argument("--max-bytes", type=int, default=20 * 2**30)
+    p.add_argument("--extensions", help="comma-separated extensions to list (default: audio and video)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec storage option for the input, e.g. endpoint_url=http://... anon=true (repeatable)")
+    p.add_argument("--out-storage-option", action="append", metavar="KEY=VALUE",
+                   help="storage option for the output (default: the input's)")
+    p.add_argument("--address", help="Ray cluster to connect to ('auto' or HOST:PORT); default: start a local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per inference batch")
+    p.add_argument("--decode-actors", type=int, help="max decode actors (default: free CPUs)")
+    p.add_argument("--infer-actors", type=int, help="inference actors (default: one per GPU, or 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (default: 1 if GPUs exist)")
+    p.add_argument("--flush-files", type=int, default=32, help="commit every N complete files")
+    p.add_argument("--flush-seconds", type=float, default=30.0, help="...or every S seconds")
+    p.add_argument("--resume", metavar="RUN_ID", help="resume this run explicitly")
+    p.add_argument("--fresh", action="store_true", help="never resume: start a new run")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from pipelines.decode import DecodeOptions
+    from pipelines.run import PipelineConfig
+
+    if args.resume and args.fresh:
+        raise SystemExit("--resume and --fresh exclude each other")
+    storage = parse_kv(args.storage_option, "--storage-option")
+    out_storage = parse_kv(args.out_storage_option, "--out-storage-option") if args.out_storage_option else None
+    ext = tuple(e.strip().lower().lstrip(".") for e in args.extensions.split(",")) if args.extensions else None
+    decode = DecodeOptions(window_s=args.window_s, hop_s=args.hop_s, snap_to_silence=args.snap_to_silence,
+                           channel_mode=args.channel_mode, max_duration_s=args.max_duration_s,
+                           max_bytes=args.max_bytes)
+    return PipelineConfig(
+        input=args.input[0] if len(args.input) == 1 else tuple(args.input),
+        out=args.out, tasks=build_tasks(args), model=args.model,
+        model_options=parse_kv(args.model_option, "--model-option"), decode=decode,
+        storage_options=storage, out_storage_options=out_storage, extensions=ext, address=args.address,
+        num_cpus=args.num_cpus, batch_size=args.batch_size, decode_actors=args.decode_actors,
+        infer_actors=args.infer_actors, gpus_per_infer_actor=args.gpus_per_actor,
+        flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
+        fresh=args.fresh, progress=not args.no_progress,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.run import run_pipeline
+
+    cfg = config_from_args(args)
+    if cfg.model == "tiny":
+        print(TINY_WARNING, file=sys.stderr)
+    summary = run_pipeline(cfg)
+    print(summary.format())
+    if cfg.model == "tiny":
+        print(TINY_WARNING)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from pipelines.run import PipelineConfig, run_pipeline
+    from pipelines.samples import make_demo_clips
+
+    base = os.path.abspath(args.dir)
+    audio, out = os.path.join(base, "audio"), os.path.join(base, "out")
+    os.makedirs(audio, exist_ok=True)
+    clips = make_demo_clips(audio)
+    print(f"demo: wrote {len(clips)} clips to {audio}")
+    print(TINY_WARNING)
+    cfg = PipelineConfig(input=audio, out=out, model="tiny", num_cpus=args.num_cpus, progress=not args.no_progress)
+    summary = run_pipeline(cfg)
+    print(summary.format())
+    print(f"\nTables (Parquet): {out}/files/  and  {out}/segments/   (run records: {out}/_runs/)")
+    print("Read the latest result per file, e.g. with DuckDB:")
+    print(f"  duckdb -c \"SELECT uri, task, start_s, text FROM read_parquet('{out}/segments/*/*.parquet') "
+          f"ORDER BY uri, start_s, task\"")
+    print("or in Python (manifest-aware):")
+    print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
+    print(f"Status: salmonn-pipeline status {out}")
+    print(TINY_WARNING)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.status import status_text
+
+    print(status_text(args.out, parse_kv(args.storage_option, "--storage-option")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salmonn-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="analyse an archive (folder, bucket prefix, glob or manifest)")
+    p.add_argument("input", nargs="+", help="directory/prefix URI, glob, file, or manifest (.parquet/.csv/.txt)")
+    p.add_argument("--out", required=True, help="output URI (local path or s3://...)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="make sample clips and run the tiny (random-weight) model on local Ray")
+    p.add_argument("--dir", default="salmonn-demo", help="where to write clips and tables (default ./salmonn-demo)")
+    p.add_argument("--num-cpus", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="runs, counts and error types of an output location")
+    p.add_argument("out")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

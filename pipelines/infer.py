@@ -1,0 +1,186 @@
+"""Inference stage: a batch of audio windows -> one result row per (window, task).
+
+``SalmonnPredictor`` is a plain callable class (Ray Data runs it in a GPU actor pool; tests call
+it directly). It loads the model once, runs the encoders once per window and then generates every
+task for the whole batch, grouping tasks that share generation settings into one batched call.
+
+Failure policy: a failing batch is retried once, then split in halves recursively to isolate the
+window that fails; that window becomes a ``window_error`` row (its file is then marked by the
+driver), the rest of the batch gets its results. Nothing raises out of ``__call__`` for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipelines import faults
+from pipelines.batching import WORKER_CRASH, AttemptLedger, rows_to_columns
+from schemas import stage as cols
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowIn:
+    file_id: str
+    uri: str
+    segment_index: int
+    start_s: float
+    end_s: float
+    samples: np.ndarray  # (N,) float32, 16 kHz mono
+
+
+def _result_row(**kw: Any) -> dict[str, Any]:
+    row = dict.fromkeys(cols.RESULT_COLUMNS)
+    row.update(kw)
+    return row
+
+
+def windows_from_batch(batch: dict[str, np.ndarray]) -> tuple[list[WindowIn], list[int]]:
+    """The window rows of a decode batch, and the indices of its pass-through (file) rows."""
+    windows, passthrough = [], []
+    for i, kind in enumerate(batch["kind"]):
+        if kind != cols.KIND_WINDOW:
+            passthrough.append(i)
+            continue
+        windows.append(WindowIn(
+            file_id=str(batch["file_id"][i]),
+            uri=str(batch["uri"][i]),
+            segment_index=int(batch["segment_index"][i]),
+            start_s=float(batch["start_s"][i]),
+            end_s=float(batch["end_s"][i]),
+            samples=np.frombuffer(batch["samples"][i], dtype="<f4"),
+        ))
+    return windows, passthrough
+
+
+class SalmonnPredictor:
+    """Callable: decode-stage batch (dict of arrays) -> result batch (dict of arrays)."""
+
+    def __init__(self, model: str = "tiny", tasks: Sequence[Any] | None = None, *,
+                 device: str | None = None, model_options: dict[str, Any] | None = None,
+                 ledger: AttemptLedger | None = None, max_attempts: int = 2):
+        import torch
+
+        import salmonn
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.model = salmonn.load_model(model, device=device, **(model_options or {}))
+        self.model.eval()
+        self.tasks = list(tasks) if tasks is not None else list(salmonn.default_tasks())
+        self.model_id = self.model.model_id
+        self.ledger = ledger
+        self.max_attempts = max_attempts
+        self.windows_encoded = 0   # encoder passes (one per window) — for tests and stats
+        log.info("SALMONN predictor ready: model %s on %s, tasks %s",
+                 self.model_id, device, [t.name for t in self.tasks])
+
+    # -- Ray Data batch interface ---------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        windows, passthrough = windows_from_batch(batch)
+        rows = [
+            _result_row(kind=batch["kind"][i], file_id=batch["file_id"][i], uri=batch["uri"][i],
+                        file_info=batch["file_info"][i])
+            for i in passthrough
+        ]
+        if windows:
+            rows.extend(self._guarded(windows))
+        return rows_to_columns(rows, cols.RESULT_COLUMNS)
+
+    def _guarded(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
+        """``predict`` under the attempt ledger: a batch that killed the worker ``max_attempts``
+        times is run window by window, and a window that kills it again becomes an error row."""
+        if self.ledger is None:
+            return self.predict(windows)
+        key = "infer:" + ",".join(f"{w.file_id}/{w.segment_index}" for w in windows)
+        attempt = self.ledger.begin(key)
+        if attempt <= self.max_attempts:
+            rows = self.predict(windows)
+        else:
+            log.error("a batch of %d windows killed the inference worker %d times; isolating windows",
+                      len(windows), attempt - 1)
+            rows = []
+            for w in windows:
+                wkey = f"infer-window:{w.file_id}/{w.segment_index}"
+                if self.ledger.begin(wkey) > 1:
+                    rows.append(self._error_row(w, f"{WORKER_CRASH}: the inference worker process died on "
+                                                   f"this window on every attempt"))
+                else:
+                    rows.extend(self.predict([w]))
+                self.ledger.end(wkey)
+        self.ledger.end(key)
+        return rows
+
+    # -- the work -------------------------------------------------------------------------------
+    def predict(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
+        """Results for ``windows``: retry a failing batch once, then isolate the bad window."""
+        try:
+            return self._run(windows)
+        except Exception as first:  # noqa: BLE001 - any failure of a batch is handled below
+            log.warning("inference batch of %d windows failed (%s: %s); retrying once",
+                        len(windows), type(first).__name__, first)
+            self._after_failure()
+        try:
+            return self._run(windows)
+        except Exception as second:  # noqa: BLE001
+            if len(windows) == 1:
+                return [self._error_row(windows[0], second)]
+            log.warning("retry failed (%s); splitting the batch to isolate the bad window", second)
+            self._after_failure()
+            return self._isolate(windows)
+
+    def _isolate(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
+        try:
+            return self._run(windows)
+        except Exception as e:  # noqa: BLE001
+            self._after_failure()
+            if len(windows) == 1:
+                return [self._error_row(windows[0], e)]
+            mid = len(windows) // 2
+            return self._isolate(windows[:mid]) + self._isolate(windows[mid:])
+
+    def _after_failure(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _error_row(self, w: WindowIn, err: BaseException | str) -> dict[str, Any]:
+        """A window that failed for good; ``error`` is "TYPE: message"."""
+        text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+        log.error("window %d of %s failed inference: %s", w.segment_index, w.uri, text)
+        return _result_row(kind=cols.KIND_WINDOW_ERROR, file_id=w.file_id, uri=w.uri,
+                           segment_index=w.segment_index, start_s=w.start_s, end_s=w.end_s,
+                           error=text[:2000])
+
+    def _run(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
+        import torch
+
+        for w in windows:
+            faults.maybe_crash("infer", w.uri)
+        lengths = [len(w.samples) for w in windows]
+        wave = np.zeros((len(windows), max(lengths)), dtype=np.float32)  # (B, N)
+        for i, w in enumerate(windows):
+            wave[i, : lengths[i]] = w.samples
+        with torch.inference_mode():
+            embeds = self.model.encode(torch.from_numpy(wave).to(self.device),
+                                       torch.tensor(lengths, device=self.device))  # (B, Q, D)
+            self.windows_encoded += len(windows)
+            generations = self.model.generate_tasks(embeds, self.tasks)
+        rows = []
+        for task in self.tasks:
+            for w, g in zip(windows, generations[task.name]):
+                rows.append(_result_row(
+                    kind=cols.KIND_SEGMENT, file_id=w.file_id, uri=w.uri, segment_index=w.segment_index,
+                    start_s=w.start_s, end_s=w.end_s, task=task.name, prompt=task.prompt, text=g.text,
+                    lora_scale=float(task.settings.lora_scale), num_beams=int(task.settings.num_beams),
+                    n_output_tokens=int(g.n_tokens), finish_reason=g.finish_reason,
+                ))
+        return rows

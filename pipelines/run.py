@@ -1,0 +1,505 @@
+"""Builds the Ray Data graph, runs it and drives the commit.
+
+    list inputs (driver) -> decode + window (CPU actor pool) -> SALMONN (GPU actor pool)
+        -> result rows streamed back to the driver -> ResultAssembler -> Committer
+
+Heavy data (audio) never passes through the driver; text results do, which keeps the commit
+simple and exactly-once (see ``pipelines.commit``).
+
+Runs are incremental and resumable: files whose (uri, version, config hash) are committed are
+skipped; an unfinished run with the same config and input is continued by running the same
+command again. A file that kills its worker process is retried in an isolating pass and, if it
+kills it again, becomes an error row (``worker_crash``) instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+import pipelines
+import schemas
+from pipelines import commit as cm
+from pipelines.batching import WORKER_CRASH
+from pipelines.decode import DecodeOptions, FileInfo
+from pipelines.sources import FileRef, list_inputs
+from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, ref_to_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a run needs. CLI flags map 1:1 onto these fields."""
+
+    input: str | tuple[str, ...]
+    out: str
+    tasks: tuple[Any, ...] = ()                 # salmonn Task objects; () = the built-in three
+    model: str = "tiny"                          # preset name or a directory of model parts
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    decode: DecodeOptions = DecodeOptions()
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # input
+    out_storage_options: Mapping[str, Any] | None = None                          # None = input's
+    extensions: tuple[str, ...] | None = None
+    address: str | None = None                   # None: start a local Ray; "auto" / host: connect
+    num_cpus: int | None = None                  # local Ray only
+    batch_size: int = 8                          # windows per inference batch
+    decode_actors: int | None = None             # None: derived from the cluster
+    infer_actors: int | None = None
+    gpus_per_infer_actor: float | None = None    # None: 1 when the cluster has GPUs, else 0
+    flush_files: int = 32                        # commit once this many files are complete...
+    flush_seconds: float = 30.0                  # ...or this long after the last commit
+    max_passes: int = 2                          # 1 normal pass + an isolating pass for dropped blocks
+    crash_attempts: int = 2                      # attempts before work that kills its worker is given up
+    resume_run_id: str | None = None
+    fresh: bool = False
+    progress: bool = True
+    runtime_env: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    out: str
+    resumed: bool
+    n_inputs: int
+    skipped: int
+    processed: int
+    ok: int
+    partial: int
+    error: int
+    error_types: dict[str, int]
+    audio_hours: float
+    wall_s: float
+    n_commits: int
+    status: str
+
+    @property
+    def audio_h_per_wall_h(self) -> float:
+        return self.audio_hours / (self.wall_s / 3600) if self.wall_s > 0 else 0.0
+
+    def format(self) -> str:
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(self.error_types.items())) or "none"
+        return (
+            f"run {self.run_id} {self.status}{' (resumed)' if self.resumed else ''}: "
+            f"{self.n_inputs} inputs, {self.processed} processed, {self.skipped} skipped | "
+            f"ok {self.ok}, partial {self.partial}, error {self.error} (error types: {errs}) | "
+            f"{self.audio_hours:.3f} audio h in {self.wall_s:.1f} s = "
+            f"{self.audio_h_per_wall_h:.1f} audio-h per wall-h | {self.n_commits} commits -> {self.out}"
+        )
+
+
+def resolve_tasks(tasks: Sequence[Any]) -> tuple[Any, ...]:
+    import salmonn
+
+    return tuple(tasks) if tasks else tuple(salmonn.default_tasks())
+
+
+def model_id_for(model: str) -> str:
+    import salmonn
+
+    return salmonn.model_id_for(model)
+
+
+def config_hash_of(cfg: PipelineConfig) -> str:
+    """Hash of what changes results: model, tasks and their settings, windowing, schema."""
+    tasks = resolve_tasks(cfg.tasks)
+    d = cfg.decode
+    return cm.config_hash({
+        "model": cfg.model,
+        "model_options": dict(cfg.model_options),
+        "tasks": [(t.name, t.prompt, dataclasses.asdict(t.settings)) for t in tasks],
+        "decode": {"window_s": d.window_s, "hop_s": d.hop_s, "snap": d.snap_to_silence,
+                   "channel_mode": d.channel_mode, "sample_rate": d.sample_rate},
+        "schema": schemas.SCHEMA_VERSION,
+    })
+
+
+def _input_key(cfg: PipelineConfig) -> str:
+    return cfg.input if isinstance(cfg.input, str) else "\n".join(cfg.input)
+
+
+def choose_run(store: cm.OutputStore, cfg: PipelineConfig, chash: str) -> tuple[str, dict | None]:
+    """The run id to use, and the record of the run being resumed (None for a new run)."""
+    if cfg.resume_run_id:
+        rec = store.read_run(cfg.resume_run_id)
+        if rec is None:
+            raise ValueError(f"--resume {cfg.resume_run_id}: no such run under {cfg.out}")
+        return cfg.resume_run_id, rec
+    if not cfg.fresh:
+        for run_id in reversed(store.list_runs()):
+            rec = store.read_run(run_id)
+            if rec is None:
+                continue
+            if rec.get("status") == cm.RUN_COMPLETED:
+                break  # the newest run finished: start a new (incremental) run
+            if rec.get("config_hash") == chash and rec.get("input") == _input_key(cfg):
+                return run_id, rec
+    return cm.new_run_id(), None
+
+
+def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **extra: Any) -> dict[str, Any]:
+    tasks = resolve_tasks(cfg.tasks)
+    return {
+        "run_id": run_id,
+        "status": status,
+        "input": _input_key(cfg),
+        "out": cfg.out,
+        "model": cfg.model,
+        "model_id": model_id_for(cfg.model),
+        "config_hash": chash,
+        "pipeline_version": pipelines.__version__,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "tasks": [{"name": t.name, "prompt": t.prompt, **dataclasses.asdict(t.settings)} for t in tasks],
+        "decode": dataclasses.asdict(cfg.decode),
+        "storage_options": cm.redact(cfg.storage_options),
+        "out_storage_options": cm.redact(cfg.out_storage_options) if cfg.out_storage_options is not None else None,
+        "batch_size": cfg.batch_size,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables for one commit
+# ---------------------------------------------------------------------------------------------
+
+def file_status(done: CompleteFile) -> tuple[str, str | None, str | None]:
+    """(status, error_type, error_message) of a complete file, inference failures included."""
+    info = done.info
+    if not done.failed_windows:
+        return info.status, info.error_type, info.error_message
+    failed = sorted(done.failed_windows)
+    first = done.failed_windows[failed[0]]
+    msg = f"inference failed for segments {failed[:20]}{'...' if len(failed) > 20 else ''}: {first}"
+    status = schemas.STATUS_ERROR if len(failed) >= info.n_segments else schemas.STATUS_PARTIAL
+    crashed = all(e.startswith(WORKER_CRASH + ":") for e in done.failed_windows.values())
+    return status, WORKER_CRASH if crashed else "inference_error", msg
+
+
+def build_tables(done: Sequence[CompleteFile], refs: Mapping[str, FileRef], *, run_id: str, model_id: str,
+                 chash: str) -> tuple[pa.Table, pa.Table, list[cm.CommittedFile]]:
+    now = cm.utcnow()
+    files_rows, seg_rows, entries = [], [], []
+    for d in done:
+        info, ref = d.info, refs[d.info.file_id]
+        status, etype, emsg = file_status(d)
+        files_rows.append({
+            "file_id": info.file_id, "uri": ref.uri, "size_bytes": ref.size_bytes, "etag": ref.etag,
+            "mtime": ref.mtime, "status": status, "error_type": etype, "error_message": emsg,
+            "container": info.container, "codec": info.codec, "sample_rate_in": info.sample_rate_in,
+            "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
+            "run_id": run_id, "model_id": model_id, "config_hash": chash,
+            "pipeline_version": pipelines.__version__, "processed_at": now,
+        })
+        for s in d.segments:
+            seg_rows.append({**s, "run_id": run_id, "model_id": model_id})
+        entries.append(cm.CommittedFile(file_id=info.file_id, uri=ref.uri, version=ref.version,
+                                        config_hash=chash, status=status, error_type=etype,
+                                        run_id=run_id, seq=0))
+    files = pa.Table.from_pylist(files_rows, schema=schemas.FILES)
+    segs = pa.Table.from_pylist(seg_rows, schema=schemas.SEGMENTS)
+    return files, segs, entries
+
+
+def error_file(ref: FileRef, error_type: str, message: str) -> CompleteFile:
+    info = FileInfo(file_id=ref.file_id, uri=ref.uri, status=schemas.STATUS_ERROR, error_type=error_type,
+                    error_message=message, container=None, codec=None, sample_rate_in=None,
+                    channels_in=None, duration_s=None, n_segments=0)
+    return CompleteFile(info, [], {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and the commit buffer
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """The driver's own progress line: files done / total, audio hours, throughput, errors."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.done = 0
+        self.audio_s = 0.0
+        self.status: collections.Counter[str] = collections.Counter()
+        self.error_types: collections.Counter[str] = collections.Counter()
+
+    def add(self, files: pa.Table) -> None:
+        for row in files.select(["status", "error_type", "duration_s"]).to_pylist():
+            self.done += 1
+            self.status[row["status"]] += 1
+            if row["error_type"]:
+                self.error_types[row["error_type"]] += 1
+            self.audio_s += row["duration_s"] or 0.0
+        self.tick()
+
+    def line(self) -> str:
+        wall = time.monotonic() - self.t0
+        rate = (self.audio_s / 3600) / (wall / 3600) if wall > 0 else 0.0
+        errs = self.status[schemas.STATUS_ERROR] + self.status[schemas.STATUS_PARTIAL]
+        return (f"[salmonn-pipeline] files {self.done}/{self.total} | audio {self.audio_s / 3600:.3f} h | "
+                f"{rate:.1f} audio-h/wall-h | errors {errs} | {wall:.0f} s")
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= self.every_s):
+            self.last = now
+            print(self.line(), file=sys.stderr, flush=True)
+
+
+class CommitBuffer:
+    """Complete files waiting for the next commit; flushes by count or age."""
+
+    def __init__(self, committer: cm.Committer, refs: Mapping[str, FileRef], progress: Progress, *,
+                 run_id: str, model_id: str, chash: str, flush_files: int, flush_seconds: float):
+        self.committer, self.refs, self.progress = committer, refs, progress
+        self.run_id, self.model_id, self.chash = run_id, model_id, chash
+        self.flush_files, self.flush_seconds = flush_files, flush_seconds
+        self.buffer: list[CompleteFile] = []
+        self.last_flush = time.monotonic()
+        self.committed_ids: set[str] = set()
+
+    def add(self, done: Sequence[CompleteFile]) -> None:
+        for d in done:
+            if d.info.file_id in self.committed_ids:
+                continue  # delivered again by a retried task after its file was committed
+            self.buffer.append(d)
+        if len(self.buffer) >= self.flush_files or (
+            self.buffer and time.monotonic() - self.last_flush >= self.flush_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        files, segs, entries = build_tables(self.buffer, self.refs, run_id=self.run_id,
+                                            model_id=self.model_id, chash=self.chash)
+        self.committer.commit(files, segs, entries)
+        self.committed_ids.update(d.info.file_id for d in self.buffer)
+        self.progress.add(files)
+        self.buffer = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ray_session(cfg: PipelineConfig) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"runtime_env": dict(cfg.runtime_env) if cfg.runtime_env else None,
+                              "log_to_driver": True, "logging_level": logging.WARNING}
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        # "local" always starts a fresh instance (never a stale cluster file; RAY_NOTES section 9).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class RayAttemptLedger:
+    """``AttemptLedger`` backed by a Ray actor, so counts survive the worker processes that die."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def begin(self, key: str) -> int:
+        import ray
+
+        return ray.get(self.handle.begin.remote(key))
+
+    def end(self, key: str) -> None:
+        self.handle.end.remote(key)  # ordered after this caller's earlier calls; no need to wait
+
+
+def start_ledger() -> RayAttemptLedger:
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class AttemptCounter:
+        def __init__(self) -> None:
+            self.counts: dict[str, int] = {}
+
+        def begin(self, key: str) -> int:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return self.counts[key]
+
+        def end(self, key: str) -> None:
+            self.counts.pop(key, None)
+
+    return RayAttemptLedger(AttemptCounter.remote())
+
+
+def plan_resources(cfg: PipelineConfig) -> tuple[int, int, float, float]:
+    """(decode actors, infer actors, GPUs per infer actor, CPUs per infer actor) for this cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = int(res.get("CPU", 1))
+    gpus = int(res.get("GPU", 0))
+    gpus_per = cfg.gpus_per_infer_actor if cfg.gpus_per_infer_actor is not None else (1.0 if gpus else 0.0)
+    if cfg.infer_actors:
+        n_infer = cfg.infer_actors
+    elif gpus_per > 0:
+        n_infer = max(1, int(gpus / gpus_per))
+    else:
+        n_infer = 1
+    infer_cpus = 1.0
+    n_decode = cfg.decode_actors or max(1, min(64, cpus - int(n_infer * infer_cpus)))
+    return n_decode, n_infer, gpus_per, infer_cpus
+
+
+def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any], buffer: CommitBuffer, *,
+             isolate: bool) -> tuple[list[str], str]:
+    """One pass of the Ray Data graph over ``refs``; returns (file ids not completed, stats)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipelines.infer import SalmonnPredictor
+
+    ctx = DataContext.get_current()
+    # Ray restarts dead actors and retries their tasks without limit; the attempt ledger bounds
+    # that per file and per window (a poison input becomes a worker_crash row). A block whose UDF
+    # raises anyway is dropped rather than failing the run: its files come back as missing and are
+    # retried in an isolating pass.
+    ctx.max_errored_blocks = -1
+    ctx.enable_progress_bars = bool(cfg.progress and sys.stderr.isatty())
+    n_decode, n_infer, gpus_per, infer_cpus = plan_resources(cfg)
+    batch_size = 1 if isolate else cfg.batch_size
+    log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d",
+             len(refs), n_decode, n_infer, gpus_per, batch_size)
+
+    ledger = start_ledger()
+    # The pipeline's own switches (the test fault hook) reach the workers of this run only.
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("SALMONN_PIPELINE_")}
+    stage_env = {"env_vars": env_vars} if env_vars else None
+    ds = ray.data.from_items([ref_to_row(r) for r in refs], override_num_blocks=max(1, min(len(refs), 10_000)))
+    ds = ds.map_batches(
+        DecodeStage,
+        fn_constructor_kwargs={"options": cfg.decode, "storage_options": dict(cfg.storage_options),
+                               "ledger": ledger, "max_attempts": cfg.crash_attempts},
+        batch_size=1,
+        compute=ActorPoolStrategy(min_size=1, max_size=n_decode),
+        num_cpus=1,
+        runtime_env=stage_env,
+    )
+    ds = ds.map_batches(
+        SalmonnPredictor,
+        fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
+                               "ledger": ledger, "max_attempts": cfg.crash_attempts},
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=n_infer),
+        num_gpus=gpus_per,
+        num_cpus=infer_cpus,
+        runtime_env=stage_env,
+    )
+    assembler = ResultAssembler([t.name for t in tasks])
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        buffer.add(assembler.add(batch))
+        buffer.progress.tick()
+    buffer.flush()
+    try:
+        stats = ds.stats()
+    except Exception:  # noqa: BLE001 - stats are informational
+        stats = ""
+    done = buffer.committed_ids
+    missing = [r.file_id for r in refs if r.file_id not in done]
+    return missing, stats
+
+
+def run_pipeline(cfg: PipelineConfig) -> RunSummary:
+    """Run (or resume) the pipeline described by ``cfg``; returns the run's summary."""
+    t0 = time.monotonic()
+    tasks = resolve_tasks(cfg.tasks)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique: {names}")
+    out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
+    store = cm.OutputStore(cfg.out, out_so)
+    chash = config_hash_of(cfg)
+    model_id = model_id_for(cfg.model)
+
+    refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    run_id, resumed_rec = choose_run(store, cfg, chash)
+    started = resumed_rec["started_at"] if resumed_rec else cm.utcnow().isoformat()
+    resumes = list(resumed_rec.get("resumes", [])) if resumed_rec else []
+    if resumed_rec is not None:
+        resumes.append(cm.utcnow().isoformat())
+        removed = store.remove_orphans(run_id)
+        log.warning("resuming run %s (%d commits so far; removed %d unlisted parts)",
+                    run_id, len(store.commits(run_id)), len(removed))
+
+    ledger = cm.committed_ledger(store.all_commits())
+    todo = [r for r in refs if not cm.is_done(ledger.get(r.uri), r.version, chash)]
+    skipped = len(refs) - len(todo)
+    by_id = {r.file_id: r for r in refs}
+    store.write_run(_run_record(cfg, run_id, chash, cm.RUN_RUNNING, started_at=started, resumes=resumes,
+                                n_inputs=len(refs), n_todo=len(todo), skipped=skipped))
+    committer = cm.Committer(store, run_id)
+    progress = Progress(len(todo), cfg.progress)
+    buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
+                          flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
+    stats_text: list[str] = []
+    status = cm.RUN_FAILED
+    try:
+        if todo:
+            with ray_session(cfg):
+                pending = todo
+                for pass_no in range(max(1, cfg.max_passes)):
+                    missing, stats = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
+                    stats_text.append(stats)
+                    if not missing:
+                        break
+                    log.warning("%d files did not complete in pass %d (a worker died); retrying them in isolation",
+                                len(missing), pass_no + 1)
+                    pending = [by_id[m] for m in missing]
+                else:
+                    buffer.add([error_file(by_id[m], "pipeline_error",
+                                           "no result came back for this file in any pass (see the Ray "
+                                           "Data logs of this run for the failing task)")
+                                for m in missing])
+                buffer.flush()
+        status = cm.RUN_COMPLETED
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        wall = time.monotonic() - t0
+        progress.tick(force=True)
+        counts = {
+            "n_inputs": len(refs), "n_todo": len(todo), "skipped": skipped, "processed": progress.done,
+            "ok": progress.status[schemas.STATUS_OK], "partial": progress.status[schemas.STATUS_PARTIAL],
+            "error": progress.status[schemas.STATUS_ERROR], "error_types": dict(progress.error_types),
+            "audio_hours": progress.audio_s / 3600, "wall_s": wall,
+        }
+        store.write_run(_run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
+                                    finished_at=cm.utcnow().isoformat(), counts=counts,
+                                    n_commits_this_attempt=committer.n_commits, **{"n_inputs": len(refs)}))
+        if stats_text and any(stats_text):
+            store._write_bytes(store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
+                               "\n\n".join(stats_text).encode())
+    return RunSummary(
+        run_id=run_id, out=cfg.out, resumed=resumed_rec is not None, n_inputs=len(refs), skipped=skipped,
+        processed=progress.done, ok=progress.status[schemas.STATUS_OK],
+        partial=progress.status[schemas.STATUS_PARTIAL], error=progress.status[schemas.STATUS_ERROR],
+        error_types=dict(progress.error_types), audio_hours=progress.audio_s / 3600, wall_s=wall,
+        n_commits=committer.n_commits, status=status,
+    )

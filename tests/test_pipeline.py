@@ -1,0 +1,243 @@
+"""The pipeline end to end on a real local Ray with the tiny model (issue: pipeline end to end).
+
+Inputs are real encoded files served by moto's S3 server on 127.0.0.1; outputs go to a local
+folder and to another S3 bucket.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+from pipelines import commit as cm
+from pipelines.cli import main as cli_main
+from pipelines.decode import DecodeOptions
+from pipelines.run import PipelineConfig, run_pipeline
+from pipelines.samples import noise, speech_like, tone, write_audio, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW_S = 4.0
+
+# (name, format, seconds, rate, channels): durations avoid multiples of the window
+GOOD = [
+    ("talk01.mp3", "mp3", 5.3, 16000, 1), ("talk02.mp3", "mp3", 9.1, 44100, 2),
+    ("talk03.flac", "flac", 3.7, 22050, 1), ("talk04.flac", "flac", 6.2, 48000, 2),
+    ("talk05.wav", "wav", 2.9, 8000, 1), ("talk06.wav", "wav24", 7.6, 44100, 2),
+    ("talk07.wav", "wavf32", 4.5, 96000, 1), ("talk08.ogg", "ogg", 5.9, 44100, 2),
+    ("talk09.opus", "opus", 10.3, 48000, 2), ("talk10.opus", "opus", 2.2, 16000, 1),
+    ("talk11.m4a", "m4a", 6.7, 44100, 2), ("talk12.m4a", "m4a", 3.3, 22050, 1),
+    ("video13.mp4", "mp4", 5.1, 44100, 2), ("video14.mkv", "mkv", 4.9, 48000, 2),
+    ("video15.mov", "mov", 3.1, 48000, 1), ("video16.webm", "webm", 5.5, 48000, 2),
+    ("talk17.wav", "wav", 1.4, 16000, 6),
+]
+BAD = {"broken18.mp3": "invalid_data", "empty19.wav": "empty_file", "silent_video20.mp4": "no_audio_stream"}
+
+
+def _signal(i: int, seconds: float, sr: int, channels: int) -> np.ndarray:
+    if i % 3 == 0:
+        return np.repeat(speech_like(seconds, sr, seed=i), channels, axis=0)  # (C, N)
+    if i % 3 == 1:
+        return tone(220.0 + 40 * i, seconds, sr, channels=channels)
+    return noise(seconds, sr, channels=channels)
+
+
+def make_archive(directory: Path) -> dict[str, float]:
+    """20 files in mixed formats, 3 of them bad; returns name -> encoded duration of the good ones."""
+    directory.mkdir(parents=True, exist_ok=True)
+    durations = {}
+    for i, (name, fmt, seconds, sr, ch) in enumerate(GOOD):
+        enc = write_audio(directory / name, _signal(i, seconds, sr, ch), sr, fmt)
+        durations[name] = enc.duration_s
+    (directory / "broken18.mp3").write_bytes(b"<html>definitely not an mp3</html>\n" * 40)
+    (directory / "empty19.wav").write_bytes(b"")
+    write_video(directory / "silent_video20.mp4", 2.0, "mp4")
+    return durations
+
+
+def upload_dir(fs, local: Path, bucket: str) -> None:
+    fs.mkdir(bucket)
+    for p in sorted(local.iterdir()):
+        fs.put_file(str(p), f"{bucket}/{p.name}")
+
+
+def check_output(store: cm.OutputStore, durations: dict[str, float], n_tasks: int) -> None:
+    files = store.read_table("files")
+    segs = store.read_table("segments")
+    by_name = {r["uri"].rsplit("/", 1)[-1]: r for r in files.to_pylist()}
+    assert sorted(by_name) == sorted([*durations, *BAD]), "exactly one files row per input"
+    assert files.num_rows == len(durations) + len(BAD)
+    for name, etype in BAD.items():
+        assert by_name[name]["status"] == "error", by_name[name]
+        assert by_name[name]["error_type"] == etype, by_name[name]
+        assert by_name[name]["error_message"]
+    seg_rows = segs.to_pylist()
+    for name, expected in durations.items():
+        row = by_name[name]
+        assert row["status"] == "ok", row
+        # within one codec frame (AAC pads its last 1024-sample frame: 46 ms at 22.05 kHz)
+        assert abs(row["duration_s"] - expected) < 0.05, (name, row["duration_s"], expected)
+        n_windows = math.ceil(row["duration_s"] / WINDOW_S)
+        assert row["n_segments"] == n_windows
+        mine = [s for s in seg_rows if s["file_id"] == row["file_id"]]
+        assert len(mine) == n_windows * n_tasks, name
+        for task in {s["task"] for s in mine}:
+            spans = sorted((s["start_s"], s["end_s"]) for s in mine if s["task"] == task)
+            assert [a for a, _ in spans] == [pytest.approx(WINDOW_S * k) for k in range(n_windows)]
+            assert all(b == pytest.approx(a2) for (_, b), (a2, _) in zip(spans, spans[1:])), "contiguous"
+            assert spans[-1][1] == pytest.approx(row["duration_s"], abs=1e-3)
+        assert all(s["finish_reason"] in ("stop", "length") for s in mine)
+        assert all(s["model_id"] == "tiny-random" for s in mine)
+    # one segments row per (file, segment, task): no duplicates
+    keys = [(s["file_id"], s["segment_index"], s["task"]) for s in seg_rows]
+    assert len(keys) == len(set(keys))
+    for c in store.all_commits():
+        for rel in (c.files_part, c.segments_part):
+            with store.fs.open(store.path(rel), "rb") as f:
+                assert schemas.schema_version(pq.read_schema(f)) == schemas.SCHEMA_VERSION
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    d = tmp_path_factory.mktemp("archive")
+    return d, make_archive(d)
+
+
+def test_s3_archive_to_local_and_s3_outputs(archive, s3_server, s3_storage_options, ray_local, tmp_path):
+    local_dir, durations = archive
+    fs = s3_server.s3fs()
+    upload_dir(fs, local_dir, "podcasts")
+    decode = DecodeOptions(window_s=WINDOW_S)
+
+    # 1) S3 input -> local output, the three built-in tasks
+    out_local = tmp_path / "out"
+    summary = run_pipeline(PipelineConfig(input="s3://podcasts/", out=str(out_local), decode=decode,
+                                          storage_options=s3_storage_options, out_storage_options={},
+                                          progress=False, batch_size=4))
+    assert summary.status == "completed"
+    assert (summary.ok, summary.error, summary.partial) == (17, 3, 0)
+    store = cm.OutputStore(str(out_local))
+    check_output(store, durations, n_tasks=3)
+
+    # DuckDB reads both tables: the README's "latest transcript of each file" query
+    import duckdb
+
+    readme = (ROOT / "README.md").read_text()
+    query = readme.split("```sql", 1)[1].split("```", 1)[0].replace("OUT/", f"{out_local}/")
+    rows = duckdb.sql(query).fetchall()
+    n_windows = sum(math.ceil(r["duration_s"] / WINDOW_S)
+                    for r in store.read_table("files").to_pylist() if r["status"] == "ok")
+    assert len(rows) == n_windows
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out_local}/files/*/*.parquet')").fetchall() == [(20,)]
+
+    # 2) the same archive -> an S3 bucket, with two custom prompts beside the built-in tasks
+    import salmonn
+
+    fs.mkdir("podcast-index")
+    tasks = (*salmonn.default_tasks(),
+             salmonn.Task("topic", "What is the topic of this recording?", salmonn.GenerationSettings(max_new_tokens=8)),
+             salmonn.Task("music", "Is there music? Answer yes or no.",
+                          salmonn.GenerationSettings(max_new_tokens=4, lora_scale=2.0)))
+    summary = run_pipeline(PipelineConfig(input="s3://podcasts/", out="s3://podcast-index/run", decode=decode,
+                                          tasks=tasks, storage_options=s3_storage_options, progress=False,
+                                          batch_size=4))
+    assert (summary.ok, summary.error) == (17, 3)
+    s3store = cm.OutputStore("s3://podcast-index/run", s3_storage_options)
+    check_output(s3store, durations, n_tasks=5)
+    segs = s3store.read_table("segments").to_pylist()
+    per_window: dict[tuple[str, int], list[str]] = {}
+    for s in segs:
+        per_window.setdefault((s["file_id"], s["segment_index"]), []).append(s["task"])
+    assert all(sorted(v) == sorted(["caption", "transcribe", "emotion", "topic", "music"]) for v in per_window.values())
+    assert {s["lora_scale"] for s in segs if s["task"] == "music"} == {2.0}
+    assert all(s["n_output_tokens"] <= 8 for s in segs if s["task"] == "topic")
+
+
+def test_unlisted_part_is_ignored_by_status_and_resume(tmp_path, ray_local, capsys):
+    from pipelines.samples import make_demo_clips
+
+    audio = tmp_path / "audio"
+    make_demo_clips(audio, seconds=3.0)
+    out = tmp_path / "out"
+    cfg = PipelineConfig(input=str(audio), out=str(out), progress=False, flush_files=2)
+    first = run_pipeline(cfg)
+    store = cm.OutputStore(str(out))
+    n_files = store.read_table("files").num_rows
+    n_segs = store.read_table("segments").num_rows
+
+    # Debris of an interrupted commit: a part in the run's partition that no commit record lists,
+    # holding a copy of real rows, and the run left "running" as a killed driver leaves it.
+    commits = store.commits(first.run_id)
+    src = out / commits[0].segments_part
+    orphan = src.parent / "part-999999-0badf00d.parquet"
+    orphan.write_bytes(src.read_bytes())
+    rec = store.read_run(first.run_id)
+    store.write_run({**rec, "status": cm.RUN_RUNNING})
+
+    assert cli_main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{n_files} files" in text and "1 unlisted part(s) ignored" in text
+    assert f"{n_segs} segment rows" in text
+
+    again = run_pipeline(cfg)
+    assert again.run_id == first.run_id and again.resumed
+    assert again.processed == 0 and again.skipped == n_files
+    assert not orphan.exists(), "resume removes the unlisted part"
+    assert store.read_table("segments").num_rows == n_segs
+    assert store.read_run(first.run_id)["status"] == cm.RUN_COMPLETED
+
+
+def test_encoders_run_once_per_window_for_five_tasks():
+    """Direct (no Ray): five tasks over a batch cost one encoder pass per window."""
+    import salmonn
+    from pipelines.infer import SalmonnPredictor
+    from pipelines.stages import DecodeStage
+
+    tasks = (*salmonn.default_tasks(), salmonn.Task("a", "Say a.", salmonn.GenerationSettings(max_new_tokens=3)),
+             salmonn.Task("b", "Say b.", salmonn.GenerationSettings(max_new_tokens=3)))
+    pred = SalmonnPredictor("tiny", tasks)
+    calls = {"whisper": 0, "beats": 0, "rows": 0}
+    pred.model.speech_encoder.register_forward_hook(
+        lambda m, i, o: calls.__setitem__("whisper", calls["whisper"] + i[0].shape[0]))
+    pred.model.beats.register_forward_hook(
+        lambda m, i, o: calls.__setitem__("beats", calls["beats"] + i[0].shape[0]))
+    rng = np.random.default_rng(0)
+    rows = [DecodeStage.window_row(_window(i, rng.standard_normal(16000 * (i + 2)).astype(np.float32) * 0.1))
+            for i in range(4)]
+    from pipelines.batching import rows_to_columns
+    from schemas import stage as cols
+
+    out = pred(rows_to_columns(rows, cols.WINDOW_COLUMNS))
+    assert list(out["kind"]).count(cols.KIND_SEGMENT) == 4 * 5
+    assert calls["whisper"] == 4 and calls["beats"] == 4
+    assert pred.windows_encoded == 4
+
+
+def _window(i: int, samples: np.ndarray):
+    from pipelines.decode import Window
+
+    return Window(file_id=f"f{i}", uri=f"/x/{i}.wav", segment_index=0, start_s=0.0,
+                  end_s=len(samples) / 16000, samples=samples, is_silent=False)
+
+
+def test_demo_command(tmp_path):
+    """`salmonn-pipeline demo` through the installed console script, as the README runs it."""
+    exe = Path(sys.executable).with_name("salmonn-pipeline")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
+    proc = subprocess.run([*cmd, "demo", "--dir", str(tmp_path / "demo"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANDOM weights" in proc.stdout
+    assert "completed" in proc.stdout and "error 1" in proc.stdout
+    store = cm.OutputStore(str(tmp_path / "demo" / "out"))
+    files = store.read_table("files")
+    assert files.num_rows == 6
+    assert sorted(files["status"].to_pylist()).count("ok") == 5
