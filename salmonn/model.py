@@ -1,0 +1,344 @@
+"""SALMONN: audio -> speech embeddings -> LLM text, with the official module tree.
+
+    speech_encoder      transformers WhisperEncoder (frozen)
+    beats               salmonn.beats.Beats (frozen)
+    ln_speech, ln_audio LayerNorms on each encoder's output (trained)
+    speech_Qformer      window-level Q-Former (trained)
+    speech_query_tokens (1, Q, C) learned queries (trained)
+    speech_llama_proj   Linear C -> D (trained)
+    llama_model         peft PeftModel around a LlamaForCausalLM, LoRA on q_proj/v_proj (trained)
+
+The encoders run once per window (`encode`); the LLM then answers any number of prompts about
+the same embeddings (`generate`, `generate_tasks`) in batched, left-padded generation.
+Loading lives in `salmonn.checkpoint`; this module only computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GenerationSettings, SalmonnConfig
+from .features import beats_fbank, whisper_log_mel
+from .prompts import Task, split_prompt
+from .qformer import WindowQformer
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"  # the model emitted EOS
+FINISH_LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer. `token_ids` are the generated tokens without EOS."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtypes the model runs in. See `resolve_precision`."""
+
+    encoder_dtype: torch.dtype  # Whisper, BEATs, LayerNorms, Q-Former, projection
+    llm_dtype: torch.dtype  # LLaMA base weights
+    lora_dtype: torch.dtype  # LoRA A/B weights
+    autocast_dtype: torch.dtype | None = None  # CUDA autocast around everything (official: fp16)
+    fbank_dtype: torch.dtype = torch.float32  # precision of the BEATs fbank (official: float64)
+    attn_implementation: str = "sdpa"  # HF attention for Whisper and LLaMA (official: eager)
+
+
+def resolve_precision(numerics: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Precision:
+    """auto: bf16 on CUDA, fp32 elsewhere; fp32/bf16: everything in that dtype; official: the
+    reference numerics (fp16 LLM weights, fp32 encoders and LoRA, fp16 autocast), CUDA only.
+    `dtype`, if given, overrides auto/fp32/bf16."""
+    device = torch.device(device)
+    if numerics == "official":
+        if device.type != "cuda":
+            raise ValueError("numerics='official' runs under CUDA fp16 autocast and needs a CUDA device")
+        if dtype is not None:
+            raise ValueError("numerics='official' fixes its own dtypes; do not pass dtype")
+        return Precision(
+            encoder_dtype=torch.float32,
+            llm_dtype=torch.float16,
+            lora_dtype=torch.float32,
+            autocast_dtype=torch.float16,
+            fbank_dtype=torch.float64,
+            attn_implementation="eager",
+        )
+    if dtype is None:
+        if numerics == "fp32":
+            dtype = torch.float32
+        elif numerics == "bf16":
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return Precision(encoder_dtype=dtype, llm_dtype=dtype, lora_dtype=dtype)
+
+
+def lora_layers(llama_model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in llama_model.modules() if isinstance(m, LoraLayer)]
+
+
+def place(model: "Salmonn", device: torch.device | str, precision: Precision) -> "Salmonn":
+    """Move the model to `device` with the dtypes of `precision` (LoRA may differ from the LLM)."""
+    model.precision = precision
+    for name, module in model.named_children():
+        if name != "llama_model":
+            module.to(device=device, dtype=precision.encoder_dtype)
+    model.speech_query_tokens = nn.Parameter(
+        model.speech_query_tokens.detach().to(device, precision.encoder_dtype), requires_grad=False
+    )
+    # LLM: cast parameters only. Module.to(dtype) would also round the fp32 rotary inv_freq
+    # buffer; and LoRA keeps its own dtype (fp32 in the official numerics).
+    with torch.no_grad():
+        for name, param in model.llama_model.named_parameters():
+            param.data = param.data.to(device, precision.lora_dtype if ".lora_" in name else precision.llm_dtype)
+    model.llama_model.to(device)  # buffers, dtype unchanged
+    return model.eval().requires_grad_(False)
+
+
+class Salmonn(nn.Module):
+    """The SALMONN model. Build it with `salmonn.checkpoint.build_salmonn` or `salmonn.tiny.build_tiny`."""
+
+    def __init__(
+        self,
+        config: SalmonnConfig,
+        *,
+        speech_encoder: nn.Module,
+        beats: nn.Module,
+        llama_model: nn.Module,
+        tokenizer=None,
+        precision: Precision | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.precision = precision or Precision(torch.float32, torch.float32, torch.float32)
+        self.tokenizer = tokenizer  # needed by generate; None for meta-device builds
+        q = config.qformer
+        self.speech_encoder = speech_encoder
+        self.ln_speech = nn.LayerNorm(config.whisper.d_model)
+        self.beats = beats
+        self.ln_audio = nn.LayerNorm(config.beats.encoder_embed_dim)
+        self.speech_Qformer = WindowQformer(q)
+        self.speech_query_tokens = nn.Parameter(torch.zeros(1, q.num_queries, q.hidden))
+        nn.init.normal_(self.speech_query_tokens, std=0.02)
+        self.speech_llama_proj = nn.Linear(q.hidden, config.llm.hidden)
+        self.llama_model = llama_model
+
+    # --- properties --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.speech_llama_proj.weight.device
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model_id
+
+    @property
+    def llm(self) -> nn.Module:
+        """The LlamaForCausalLM inside peft (LoRA layers injected, not merged)."""
+        return self.llama_model.get_base_model()
+
+    def _autocast(self):
+        if self.precision.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+
+    # --- audio -> speech embeddings -----------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Speech embeddings (B, W*Q, D) for 16 kHz mono float32 windows (B, N) of true `lengths`.
+
+        Clips are cut to 30 s; clips under 1 s are zero-padded to 1 s. Each encoder runs once
+        on the whole batch. Every clip gives `config.speech_tokens` vectors (88 official).
+        """
+        return self.encode_features(*self.features(waveforms, lengths))
+
+    def features(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Whisper log-mel (B, 80, 3000), BEATs fbank (B, F, 128), true fbank frames (B,)) on the
+        model's device. Outside autocast: the official front ends run in fp32/fp64."""
+        wav = waveforms.to(self.device, torch.float32)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=self.device)
+        mel = whisper_log_mel(wav, lengths, n_mels=self.config.whisper.n_mels)
+        fbank, frames = beats_fbank(wav, lengths, n_mels=self.config.beats.n_mels, dtype=self.precision.fbank_dtype)
+        return mel, fbank, frames
+
+    @torch.inference_mode()
+    def encode_features(self, mel: torch.Tensor, fbank: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Both encoders, LayerNorms, windowed Q-Former and projection -> (B, W*Q, D).
+
+        `frames` are the true fbank frame counts of right-padded clips (None: no padding)."""
+        dtype = self.precision.encoder_dtype
+        with self._autocast():
+            speech = self.speech_encoder(mel.to(dtype)).last_hidden_state  # (B, 1500, Cw)
+            speech = self.ln_speech(speech)
+            audio, padding = self.beats(fbank.to(dtype), frames)  # (B, Tb, Cb), (B, Tb)
+            audio = self.ln_audio(audio).masked_fill(padding[..., None], 0.0)  # as if zero-padded alone
+            x = join_streams(speech, audio)  # (B, T, Cw + Cb)
+            windows = split_windows(x, self.config.frames_per_window)  # (B*W, K, C)
+            query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)  # (B*W, Q, Cq)
+            out = self.speech_Qformer(query.to(windows.dtype), windows)  # (B*W, Q, Cq)
+            embeds = self.speech_llama_proj(out)  # (B*W, Q, D)
+        return embeds.reshape(x.shape[0], -1, embeds.shape[-1])  # (B, W*Q, D)
+
+    # --- speech embeddings + prompts -> text --------------------------------------------------
+    def prompt_inputs(self, speech_embeds: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM inputs (B, L, D) and attention mask (B, L), left-padded.
+
+        Row i is [BOS] + tok("USER: <Speech>") + speech_embeds[i] + tok("</Speech> {prompt}\\nASSISTANT:"),
+        each text part tokenized on its own without special tokens (official prompt_wrap).
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer (meta-device build?)")
+        if speech_embeds.shape[0] != len(prompts):
+            raise ValueError(f"{speech_embeds.shape[0]} speech rows but {len(prompts)} prompts")
+        embed_tokens = self.llm.get_input_embeddings()
+        device, dtype = embed_tokens.weight.device, embed_tokens.weight.dtype
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 1
+        token_ids: dict[str, tuple[list[int], list[int]]] = {}
+        for prompt in set(prompts):
+            before, after = split_prompt(prompt)
+            ids_before = self.tokenizer(before, add_special_tokens=False).input_ids
+            ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
+            token_ids[prompt] = ([bos, *ids_before], ids_after)
+        rows = []
+        for speech, prompt in zip(speech_embeds, prompts):
+            ids_before, ids_after = token_ids[prompt]
+            before = embed_tokens(torch.tensor(ids_before, device=device))  # (Lb, D)
+            after = embed_tokens(torch.tensor(ids_after, device=device))  # (La, D)
+            rows.append(torch.cat([before, speech.to(device, dtype), after]))  # (L_i, D)
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(len(rows), length, rows[0].shape[-1], device=device, dtype=dtype)  # (B, L, D)
+        mask = torch.zeros(len(rows), length, device=device, dtype=torch.long)  # (B, L)
+        for i, row in enumerate(rows):
+            embeds[i, length - row.shape[0] :] = row
+            mask[i, length - row.shape[0] :] = 1
+        return embeds, mask
+
+    @contextlib.contextmanager
+    def lora_scale(self, scale: float) -> Iterator[None]:
+        """Set peft's LoRA scaling for the duration of a call, then restore it.
+
+        No weights are copied or merged; scale 0 is exactly the bare LLM (the LoRA term is
+        multiplied by 0.0 and added).
+        """
+        layers = lora_layers(self.llama_model)
+        saved = [dict(layer.scaling) for layer in layers]
+        try:
+            for layer in layers:
+                for adapter in layer.scaling:
+                    layer.scaling[adapter] = float(scale)
+            yield
+        finally:
+            for layer, scaling in zip(layers, saved):
+                layer.scaling.update(scaling)
+
+    def _generation_config(self, settings: GenerationSettings):
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else 2
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
+        beam = settings.num_beams > 1
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            num_beams=settings.num_beams,
+            do_sample=False,
+            repetition_penalty=settings.repetition_penalty,
+            length_penalty=settings.length_penalty if beam else 1.0,
+            early_stopping=False,
+            bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else 1,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        speech_embeds: torch.Tensor,
+        prompts: Sequence[str],
+        settings: GenerationSettings = GenerationSettings(),
+    ) -> list[Generation]:
+        """Answer prompts[i] about speech_embeds[i] (B, W*Q, D), all rows in one batched call."""
+        if len(prompts) == 0:
+            return []
+        embeds, mask = self.prompt_inputs(speech_embeds, prompts)
+        config = self._generation_config(settings)
+        with self.lora_scale(settings.lora_scale), self._autocast():
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        # with inputs_embeds only, HF returns just the new tokens: (B, <= max_new_tokens)
+        return [self._finish(row, config.eos_token_id) for row in out.tolist()]
+
+    def _finish(self, ids: list[int], eos: int) -> Generation:
+        if eos in ids:
+            ids, reason = ids[: ids.index(eos)], FINISH_STOP
+        else:
+            reason = FINISH_LENGTH
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Generation(text=text, token_ids=tuple(ids), finish_reason=reason)
+
+    def generate_tasks(self, speech_embeds: torch.Tensor, tasks: Sequence[Task]) -> dict[str, list[Generation]]:
+        """Run every task on every row of speech_embeds (B, W*Q, D).
+
+        Tasks with equal settings share one batched generate call (B x tasks rows).
+        Returns {task name: [Generation per row]} in the order of `tasks`.
+        """
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        groups: dict[GenerationSettings, list[Task]] = {}
+        for task in tasks:
+            groups.setdefault(task.settings, []).append(task)
+        b = speech_embeds.shape[0]
+        results: dict[str, list[Generation]] = {}
+        for settings, group in groups.items():
+            embeds = speech_embeds.repeat(len(group), 1, 1)  # (len(group)*B, W*Q, D), task-major
+            prompts = [task.prompt for task in group for _ in range(b)]
+            generations = self.generate(embeds, prompts, settings)
+            for j, task in enumerate(group):
+                results[task.name] = generations[j * b : (j + 1) * b]
+        return {name: results[name] for name in names}
+
+    def run_tasks(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None, tasks: Sequence[Task]
+    ) -> dict[str, list[Generation]]:
+        """encode once, then generate_tasks."""
+        return self.generate_tasks(self.encode(waveforms, lengths), tasks)
+
+
+def join_streams(speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """Zero-pad the shorter stream on time, then concatenate channels (Whisper first)."""
+    t = max(speech.shape[1], audio.shape[1])
+    speech = F.pad(speech, (0, 0, 0, t - speech.shape[1]))  # (B, T, Cw)
+    audio = F.pad(audio, (0, 0, 0, t - audio.shape[1]))  # (B, T, Cb)
+    return torch.cat([speech, audio.to(speech.dtype)], dim=-1)  # (B, T, Cw + Cb)
+
+
+def split_windows(x: torch.Tensor, frames_per_window: int) -> torch.Tensor:
+    """(B, T, C) -> (B*W, K, C) non-overlapping windows; W = (T - K) // K + 1, the tail is dropped.
+
+    Same tensor as the official F.unfold / view / permute sequence with kernel = stride = K.
+    """
+    b, t, c = x.shape
+    k = frames_per_window
+    w = (t - k) // k + 1
+    return x[:, : w * k].reshape(b * w, k, c)

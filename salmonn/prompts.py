@@ -1,0 +1,101 @@
+"""Tasks, their official prompts, and the chat template.
+
+The instructions are those of the official `prompts/test_prompt.json`; the template is the v1
+`prompt_pattern` (identical to the 2024 `prompt_template` wrapped around "<Speech><SpeechHere></Speech> ").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import GenerationSettings
+
+TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
+SPEECH_PLACEHOLDER = "<SpeechHere>"
+
+# Official test prompts (task name in test_prompt.json -> instruction). "{}" is a question/slot.
+OFFICIAL_PROMPTS: dict[str, str] = {
+    "asr": "Recognize the speech and give me the transcription.",
+    "asr_zh": "请将语音中的内容写下来。",
+    "asr_de": "Hören Sie sich die Rede an und schreiben Sie ihren Inhalt auf.",
+    "translation_ec": "Listen to the speech and translate it into Chinese.",
+    "translation_en2ja": "Listen to the speech and translate it into Japanese.",
+    "translation_en2de": "Listen to the speech and translate it into German.",
+    "audiocaption": "Please describe the audio.",
+    "audiocaption_v2": "Please write down what your hear in the audio.",  # typo as in the source
+    "QA": "{}",
+    "gender_QA": "{}",
+    "phone_recognition": "Provide the phonetic transcription for the speech.",
+    "speech_query": "Please answer the question in detail.",
+    "emotion_recognition": "Describe the emotion of the speaker in one word.",
+    "lyrics_recognition": "Listen to the song and write down its content.",
+    "audio_speech_description": "Describe the speech and the background audio",
+    "speaker_verification": "Do you only hear the same person talking? Answer yes or no.",
+    "fluent_speech_audio": "Describe the background audio and the speech in a fluent sentence.",
+    "speech_separation": "Please write down what you hear each person says.",
+    "audio_story_telling": "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
+    "speech_audio_query": "Please answer the speaker's question in detail based on the background sound.",
+    "slot_filling": "According to the speech, what is the {}?",
+    "music_description": "Listen to this music clip and describe the music.",
+    "speech_audio_coreasoning": (
+        "Use your strong reasoning skills to answer the speaker's question in detail based on the background sound."
+    ),
+    "keywords": "Give me only three keywords of the text.",
+    "speaker_diarization_asr": "Please recognize each speaker and transcribe their speech content.",
+}
+
+# Pipeline task names -> official prompt keys
+BUILTIN_TASKS: dict[str, str] = {
+    "caption": "audiocaption",
+    "transcribe": "asr",
+    "emotion": "emotion_recognition",
+    "music": "music_description",
+    "story": "audio_story_telling",
+    "describe": "audio_speech_description",
+    "translate_zh": "translation_ec",
+    "translate_de": "translation_en2de",
+    "translate_ja": "translation_en2ja",
+    "phonemes": "phone_recognition",
+    "lyrics": "lyrics_recognition",
+    "keywords": "keywords",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question to ask of every window: a name, the instruction, and how to decode."""
+
+    name: str
+    prompt: str
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("task name must not be empty")
+        if not self.prompt.strip():
+            raise ValueError(f"task {self.name!r}: prompt must not be empty")
+        if SPEECH_PLACEHOLDER in self.prompt:
+            raise ValueError(f"task {self.name!r}: prompt must not contain {SPEECH_PLACEHOLDER}")
+
+
+def builtin_task(name: str, settings: GenerationSettings | None = None) -> Task:
+    """A built-in task ("caption", "transcribe", "emotion", ...) or an official prompt key."""
+    key = BUILTIN_TASKS.get(name, name)
+    if key not in OFFICIAL_PROMPTS or "{}" in OFFICIAL_PROMPTS[key]:
+        raise ValueError(f"unknown task {name!r}; built-in: {sorted(BUILTIN_TASKS)}")
+    return Task(name=name, prompt=OFFICIAL_PROMPTS[key], settings=settings or GenerationSettings())
+
+
+def default_tasks(settings: GenerationSettings | None = None) -> tuple[Task, ...]:
+    """caption, transcribe, emotion with the official prompts."""
+    return tuple(builtin_task(name, settings) for name in ("caption", "transcribe", "emotion"))
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """Text before and after the speech embeddings, as the official prompt_wrap splits it.
+
+    >>> split_prompt("Please describe the audio.")
+    ('USER: <Speech>', '</Speech> Please describe the audio.\\nASSISTANT:')
+    """
+    before, after = TEMPLATE.format(prompt.strip()).split(SPEECH_PLACEHOLDER)
+    return before, after

@@ -1,0 +1,216 @@
+"""The `tiny` preset: a random SALMONN of the official structure, for tests and the demo.
+
+Its outputs are meaningless (model_id "tiny-random"). The tokenizer is a small sentencepiece BPE
+model in Vicuna's format (byte fallback, BOS 1, EOS 2, UNK 0), trained on an in-code corpus,
+cached on disk and loaded through the same `AutoTokenizer` path a real Vicuna directory uses.
+
+    model = build_tiny(seed=0)                 # in memory
+    config = write_tiny_parts(directory)       # the same model as official-format part files
+    model = build_salmonn(config, "cpu")       # ... loaded back through the real loaders
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .beats import Beats
+from .config import SalmonnConfig
+from .model import Salmonn, lora_layers, place, resolve_precision
+from .prompts import OFFICIAL_PROMPTS, TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "SALMONN_CACHE_DIR"
+TOKENIZER_VOCAB = 512
+
+_CORPUS = [
+    *(TEMPLATE.format(p) for p in OFFICIAL_PROMPTS.values()),
+    "A man is speaking while music plays in the background.",
+    "A woman speaks calmly about the weather, then a dog barks twice.",
+    "Birds are chirping and wind is blowing through the trees.",
+    "The speaker sounds happy. The speaker sounds sad. The speaker sounds angry. Neutral.",
+    "Thank you for calling, how can I help you today?",
+    "Cars pass by on a busy street while people talk and laugh.",
+    "An electric guitar plays a slow melody with drums and bass.",
+    "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9",
+]
+_TOKENIZER_ARGS = dict(
+    vocab_size=TOKENIZER_VOCAB,
+    model_type="bpe",
+    byte_fallback=True,
+    character_coverage=1.0,
+    split_digits=True,
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    hard_vocab_limit=False,
+    minloglevel=2,
+)
+# Vicuna's tokenizer_config.json, minus the model-specific length
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 2048,
+    "sp_model_kwargs": {},
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "salmonn-cache")
+
+
+def tiny_tokenizer_dir() -> Path:
+    """A directory with tokenizer.model + tokenizer_config.json (trained once, then cached)."""
+    digest = hashlib.sha256(json.dumps([_CORPUS, _TOKENIZER_ARGS, _TOKENIZER_CONFIG]).encode()).hexdigest()[:12]
+    target = _cache_dir() / f"tiny-tokenizer-{digest}"
+    if (target / "tokenizer.model").is_file():
+        return target
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS * 4), model_writer=model, **_TOKENIZER_ARGS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tok-"))
+    (staging / "tokenizer.model").write_bytes(model.getvalue())
+    (staging / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
+    try:
+        staging.rename(target)  # atomic; a concurrent writer may have won, which is fine
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("trained tiny tokenizer in %s", target)
+    return target
+
+
+def build_tiny(
+    seed: int = 0,
+    *,
+    config: SalmonnConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Salmonn:
+    """A random SALMONN of the tiny preset, the same for the same seed.
+
+    LoRA B is randomised too (peft initialises it to zero), so the LoRA scale changes outputs.
+    The global RNG state is left untouched.
+    """
+    from transformers import LlamaForCausalLM
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from .checkpoint import clean_generation_config, load_tokenizer, wrap_lora
+
+    config = config or SalmonnConfig.from_name("tiny")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir())
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, vocab_size=len(tokenizer)))
+    precision = resolve_precision(config.numerics, device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        whisper_config, llm_config = config.whisper.to_hf(), config.llm.to_hf()
+        whisper_config._attn_implementation = llm_config._attn_implementation = precision.attn_implementation
+        whisper = WhisperEncoder(whisper_config)
+        beats = Beats(config.beats)
+        llm = LlamaForCausalLM(llm_config)
+        clean_generation_config(llm)
+        llama_model = wrap_lora(llm, config.lora)
+        for layer in lora_layers(llama_model):
+            for b in layer.lora_B.values():
+                torch.nn.init.normal_(b.weight, std=0.05)
+        model = Salmonn(
+            config, speech_encoder=whisper, beats=beats, llama_model=llama_model, tokenizer=tokenizer
+        )
+        # random LayerNorm affines, so a checkpoint round trip is a real test
+        for ln in (model.ln_speech, model.ln_audio):
+            torch.nn.init.normal_(ln.weight, mean=1.0, std=0.1)
+            torch.nn.init.normal_(ln.bias, std=0.1)
+    return place(model, device, precision)
+
+
+def tiny_whisper_hf_config(config: SalmonnConfig):
+    """A full WhisperConfig for the tiny encoder dims, with a minimal decoder (for writing HF dirs)."""
+    return config.whisper.to_hf(
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        max_target_positions=32,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+
+
+def write_tiny_parts(directory: str | os.PathLike, seed: int = 0) -> SalmonnConfig:
+    """Write `build_tiny(seed)` as official-format part files; return the config that loads them.
+
+        whisper/      HF WhisperModel directory (save_pretrained; random tiny decoder)
+        beats.pt      {'cfg': dict, 'model': state dict}
+        llm/          HF LlamaForCausalLM directory + Vicuna-style tokenizer files
+        salmonn.pth   {'model': trained tensors + official leftovers, 'optimizer': {}, 'epoch': 0}
+        salmonn_parts.json
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM, WhisperModel
+
+    from .checkpoint import PARTS_FILE, config_from_parts_dir, official_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = build_tiny(seed)
+    cfg = model.config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        whisper = WhisperModel(tiny_whisper_hf_config(cfg))
+    whisper.encoder.load_state_dict(model.speech_encoder.state_dict())
+    whisper.save_pretrained(directory / "whisper")
+
+    torch.save({"cfg": cfg.beats.to_dict(), "model": model.beats.state_dict()}, directory / "beats.pt")
+
+    # the base LLM without adapters: peft's `base_layer` holds the original weight
+    base_state = {
+        k.replace(".base_layer.", "."): v for k, v in model.llm.state_dict().items() if ".lora_" not in k
+    }
+    llm = LlamaForCausalLM(cfg.llm.to_hf())
+    llm.load_state_dict(base_state, strict=True)
+    # sampling defaults in the file, as Vicuna's generation_config.json has; the loader ignores them
+    llm.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.6
+    )
+    llm.save_pretrained(directory / "llm")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tiny_tokenizer_dir() / name, directory / "llm" / name)
+
+    torch.save({"model": official_state_dict(model), "optimizer": {}, "epoch": 0}, directory / "salmonn.pth")
+    spec = {
+        "preset": "tiny",
+        "model_id": cfg.model_id,
+        "whisper": "whisper",
+        "beats": "beats.pt",
+        "llm": "llm",
+        "checkpoint": "salmonn.pth",
+    }
+    (directory / PARTS_FILE).write_text(json.dumps(spec, indent=2))
+    logger.info("wrote tiny SALMONN parts to %s", directory)
+    return config_from_parts_dir(directory)
