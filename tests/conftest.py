@@ -1,0 +1,53 @@
+"""Shared fixtures: a local S3 endpoint (moto) and fsspec options to reach it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.s3_server import MotoS3, restore_environ, set_fake_credentials
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    saved = set_fake_credentials()
+    server = MotoS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        restore_environ(saved)
+
+
+@pytest.fixture
+def s3_server(_moto_server) -> MotoS3:
+    """The session's moto S3 server, emptied before each test."""
+    _moto_server.reset()
+    return _moto_server
+
+
+@pytest.fixture
+def s3_storage_options(s3_server) -> dict:
+    """s3fs options for the test server: ``{"client_kwargs": {"endpoint_url": ...}, "key",
+    "secret"}``."""
+    return s3_server.storage_options
+
+
+@pytest.fixture
+def s3fs_client(s3_server):
+    """An s3fs filesystem on the test server (not shared with the code under test)."""
+    return s3_server.s3fs()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs, as in CI) shared by the tests that run the pipeline in-process."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
