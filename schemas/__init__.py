@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+# Version history:
+#   "1"  first release.
+#   "2"  segments gain ``label``: the emotion task's answer mapped to EMOTION_LABELS (null for
+#        other tasks). Version-1 parts still read: conform() fills the missing column with nulls.
+SCHEMA_VERSION = "2"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
 # File status values.
@@ -21,6 +25,9 @@ STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_ERROR)
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
+
+# segments.label values (emotion task rows; pipelines.labels maps the free-text answer onto them).
+EMOTION_LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised", "other")
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -68,6 +75,7 @@ SEGMENTS = _with_version([
     pa.field("finish_reason", pa.string()),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("model_id", pa.string()),
+    pa.field("label", pa.string()),            # v2: emotion label (EMOTION_LABELS) or null
 ])
 
 TABLES: dict[str, pa.Schema] = {"files": FILES, "segments": SEGMENTS}
@@ -105,7 +113,7 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def check_values(name: str, table: pa.Table) -> None:
-    """Check the enumerated columns of a conformed table (status, finish_reason)."""
+    """Check the enumerated columns of a conformed table (status, finish_reason, label)."""
     import pyarrow.compute as pc
 
     if name == "files":
@@ -116,6 +124,9 @@ def check_values(name: str, table: pa.Table) -> None:
         reasons = table["finish_reason"].drop_null()
         if len(reasons) and pc.any(pc.invert(pc.is_in(reasons, pa.array(FINISH_REASONS)))).as_py():
             raise SchemaError(f"segments.finish_reason outside {FINISH_REASONS}")
+        labels = table["label"].drop_null()
+        if len(labels) and pc.any(pc.invert(pc.is_in(labels, pa.array(EMOTION_LABELS)))).as_py():
+            raise SchemaError(f"segments.label outside {EMOTION_LABELS}")
 
 
 def schema_version(schema: pa.Schema) -> str | None:

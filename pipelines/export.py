@@ -1,0 +1,233 @@
+"""`salmonn-pipeline export OUT --format srt|vtt|jsonl|txt --task transcribe --to DIR`.
+
+One file per input from the *latest* result of each file (the newest commit that holds it, as
+``OutputStore.read_table(..., latest=True)``), so text of a superseded run never leaks into an
+export. Segments are written in time order with their timestamps:
+
+* ``srt``    SubRip cues ``HH:MM:SS,mmm --> HH:MM:SS,mmm``;
+* ``vtt``    WebVTT (``WEBVTT`` header, ``HH:MM:SS.mmm`` cues);
+* ``jsonl``  one JSON object per segment with Lhotse ``SupervisionSegment`` field names
+             (``id``, ``recording_id``, ``start``, ``duration``, ``channel``, ``text``, ``language``,
+             ``custom``), so ``lhotse.SupervisionSet.from_jsonl`` and similar tools read it; the
+             pipeline's own columns go under ``custom``;
+* ``txt``    the texts, one segment per line, in time order.
+
+Output names: ``<stem>.<ext>``, under the input's directory relative to the common directory of
+all exported inputs (so ``a/x.mp3`` and ``b/x.mp3`` do not collide); two inputs with the same
+stem in one directory (``x.mp3``, ``x.wav``) keep their extension (``x.mp3.srt``). Segments with
+no text (e.g. skipped silence) are left out of subtitle formats.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import fsspec
+
+from pipelines import commit as cm
+from pipelines.labels import segment_label
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("srt", "vtt", "jsonl", "txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    file_id: str
+    uri: str
+    segment_index: int
+    start_s: float
+    end_s: float
+    task: str
+    text: str | None
+    label: str | None
+    run_id: str
+    model_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    files: tuple[str, ...]      # written paths
+    segments: int               # segments written
+    inputs: int                 # inputs that had segments for the task
+    skipped_empty: int          # segments left out for having no text
+
+    def format(self, fmt: str, task: str, to: str) -> str:
+        return (f"exported {self.segments} {task} segments of {self.inputs} inputs as {fmt} to {to} "
+                f"({len(self.files)} files" + (f", {self.skipped_empty} empty segments left out" if self.skipped_empty
+                                               else "") + ")")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps and cue text
+# ---------------------------------------------------------------------------------------------
+
+def _hmsms(seconds: float) -> tuple[int, int, int, int]:
+    ms_total = max(0, round(seconds * 1000))
+    h, rem = divmod(ms_total, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return h, m, s, ms
+
+
+def srt_time(seconds: float) -> str:
+    h, m, s, ms = _hmsms(seconds)
+    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
+
+
+def vtt_time(seconds: float) -> str:
+    h, m, s, ms = _hmsms(seconds)
+    return f"{h:02d}:{m:02d}:{s:02d}.{ms:03d}"
+
+
+def cue_text(text: str) -> str:
+    """Text safe inside a cue: no blank lines (they end a cue), no '-->' (it starts a timing)."""
+    lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.replace("\r", "").split("\n")]
+    return "\n".join(ln for ln in lines if ln).replace("-->", "\u2192")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: one input's segments (time order) -> file content
+# ---------------------------------------------------------------------------------------------
+
+def to_srt(segments: Sequence[Segment]) -> str:
+    cues = []
+    for n, s in enumerate(segments, 1):
+        cues.append(f"{n}\n{srt_time(s.start_s)} --> {srt_time(s.end_s)}\n{cue_text(s.text or '')}\n")
+    return "\n".join(cues)
+
+
+def to_vtt(segments: Sequence[Segment]) -> str:
+    cues = ["WEBVTT\n"]
+    for s in segments:
+        cues.append(f"{s.task}-{s.segment_index}\n{vtt_time(s.start_s)} --> {vtt_time(s.end_s)}\n"
+                    f"{cue_text(s.text or '')}\n")
+    return "\n".join(cues)
+
+
+def to_jsonl(segments: Sequence[Segment], recording_id: str) -> str:
+    rows = []
+    for s in segments:
+        custom = {"uri": s.uri, "file_id": s.file_id, "segment_index": s.segment_index, "end": s.end_s,
+                  "task": s.task, "run_id": s.run_id, "model_id": s.model_id}
+        if s.label is not None:
+            custom["label"] = s.label
+        rows.append(json.dumps({
+            "id": f"{recording_id}-{s.task}-{s.segment_index:05d}",
+            "recording_id": recording_id,
+            "start": round(s.start_s, 6),
+            "duration": round(s.end_s - s.start_s, 6),
+            "channel": 0,
+            "text": s.text,
+            "custom": custom,
+        }, ensure_ascii=False))
+    return "".join(r + "\n" for r in rows)
+
+
+def to_txt(segments: Sequence[Segment]) -> str:
+    return "".join(" ".join((s.text or "").split()) + "\n" for s in segments if (s.text or "").strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming
+# ---------------------------------------------------------------------------------------------
+
+def _path_of(uri: str) -> str:
+    """The path part of a URI (protocol and bucket kept as a directory for remote URIs)."""
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def output_names(uris: Iterable[str]) -> dict[str, str]:
+    """uri -> relative output name without the format extension (see the module docstring)."""
+    uris = sorted(set(uris))
+    if not uris:
+        return {}
+    paths = {u: _path_of(u) for u in uris}
+    dirs = [posixpath.dirname(p) for p in paths.values()]
+    try:
+        common = posixpath.commonpath(dirs)
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    names: dict[str, str] = {}
+    for u, p in paths.items():
+        rel = posixpath.relpath(p, common) if common else p.lstrip("/")
+        names[u] = posixpath.splitext(rel)[0]
+    clashes = collections.Counter(names.values())
+    for u, p in paths.items():
+        if clashes[names[u]] > 1:
+            rel = posixpath.relpath(p, common) if common else p.lstrip("/")
+            names[u] = rel  # keep the input's extension: x.mp3.srt, x.wav.srt
+            log.warning("two inputs share the name %s: writing %s.<format>", posixpath.splitext(rel)[0], rel)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+def latest_segments(out: str, task: str, *, where: str | None = None, run_id: str | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> dict[str, list[Segment]]:
+    """uri -> the task's segments of the file's latest result, in time order."""
+    import pyarrow.compute as pc
+
+    store = cm.OutputStore(out, storage_options)
+    table = store.read_table("segments", run_id=run_id, latest=True)
+    table = table.filter(pc.equal(table["task"], task))
+    if where:
+        table = table.filter(pc.starts_with(table["uri"], where))
+    by_uri: dict[str, list[Segment]] = collections.defaultdict(list)
+    cols = [f.name for f in dataclasses.fields(Segment)]
+    for row in table.select(cols).to_pylist():
+        if row["label"] is None:  # rows written before schema version 2: the same mapping
+            row["label"] = segment_label(row["task"], row["text"])
+        by_uri[row["uri"]].append(Segment(**row))
+    for segs in by_uri.values():
+        segs.sort(key=lambda s: (s.start_s, s.segment_index))
+    return dict(by_uri)
+
+
+def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, run_id: str | None = None,
+           storage_options: Mapping[str, Any] | None = None,
+           to_storage_options: Mapping[str, Any] | None = None) -> ExportResult:
+    """Write one ``fmt`` file per input under ``to``; see the module docstring."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    by_uri = latest_segments(out, task, where=where, run_id=run_id, storage_options=storage_options)
+    if not by_uri:
+        log.warning("no %s segments under %s%s", task, out, f" for URIs starting with {where!r}" if where else "")
+    names = output_names(by_uri)
+    fs, root = fsspec.core.url_to_fs(to, **dict(to_storage_options or {}))
+    root = root.rstrip("/")
+    written, n_segments, skipped = [], 0, 0
+    for uri in sorted(by_uri):
+        segs = by_uri[uri]
+        if fmt in ("srt", "vtt"):
+            kept = [s for s in segs if s.text and s.text.strip()]
+            skipped += len(segs) - len(kept)
+            segs = kept
+        if not segs:
+            continue
+        rec_id = names[uri]
+        if fmt == "srt":
+            content = to_srt(segs)
+        elif fmt == "vtt":
+            content = to_vtt(segs)
+        elif fmt == "jsonl":
+            content = to_jsonl(segs, rec_id)
+        else:
+            content = to_txt(segs)
+        path = posixpath.join(root, f"{rec_id}.{fmt}")
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "w", encoding="utf-8") as f:
+            f.write(content)
+        written.append(path)
+        n_segments += len(segs)
+    return ExportResult(files=tuple(written), segments=n_segments, inputs=len(by_uri), skipped_empty=skipped)

@@ -1,0 +1,594 @@
+"""`salmonn-pipeline plan`: what a run would do, without decoding anything or writing anything.
+
+The plan lists the input exactly as a run does (``pipelines.sources.list_inputs``: metadata only),
+compares every file with the output's committed ledger under the config hash the run would use
+(``pipelines.run.config_hash_of``), and sorts it into:
+
+* ``new``            never committed;
+* ``changed``        committed, but the file's version (ETag, or size + mtime) differs;
+* ``config_changed`` same version, committed under another config (model, tasks, windowing...);
+* ``retry``          same version and config, but its last result was a transient error;
+* ``unchanged``      nothing to do (the run skips it).
+
+For the files to process it gives the audio hours, the windows x tasks and a GPU-hours estimate.
+Each file's duration comes from, in this order:
+
+1. ``measured``   an earlier run decoded this very version (config changes, retries);
+2. ``header``     the container says so in its first bytes: WAV/RF64, AIFF, FLAC STREAMINFO,
+                  MP3 Xing/Info/VBRI (or a CBR bitrate), MP4/M4A/MOV ``mvhd``. At most
+                  :data:`PROBE_MAX_BYTES` are read per file, never audio samples. Probing is on by
+                  default for local inputs only (``probe="auto"``): on object storage it costs one
+                  request per file, so ask for it with ``probe="always"``;
+3. ``estimate``   size / bytes-per-second, calibrated from this output's earlier ``ok`` files of
+                  the same extension, else from :data:`DEFAULT_KBPS`. Estimates are marked ``~``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import posixpath
+import statistics
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from fsspec.core import url_to_fs
+
+from pipelines import commit as cm
+from pipelines.decode import DECLARED_TOO_LONG_FACTOR
+
+log = logging.getLogger(__name__)
+
+NEW, CHANGED, CONFIG_CHANGED, RETRY, UNCHANGED = "new", "changed", "config_changed", "retry", "unchanged"
+ACTIONS = (NEW, CHANGED, CONFIG_CHANGED, RETRY, UNCHANGED)
+TO_PROCESS = (NEW, CHANGED, CONFIG_CHANGED, RETRY)
+
+SRC_MEASURED, SRC_HEADER, SRC_ESTIMATE = "measured", "header", "estimate"
+
+PROBE_MAX_BYTES = 64 * 2**10   # header bytes read per file, at most
+PROBE_BLOCK = 16 * 2**10       # fsspec block size for probing (one small ranged GET on S3)
+PROBE_THREADS = 16
+
+# Throughput of the SALMONN stage in audio hours per GPU hour, with the number of tasks the figure
+# was measured with (generation dominates, so the cost scales with the task count).
+# LEAD: placeholders until benchmarks/ publishes measured figures; replace them from the
+# benchmark table (and set THROUGHPUT_SOURCE to name it). --throughput overrides per run.
+THROUGHPUT_AUDIO_H_PER_GPU_H: dict[str, tuple[float, int]] = {
+    "salmonn-13b": (40.0, 3),
+    "salmonn-7b": (70.0, 3),
+    "tiny": (2000.0, 3),
+}
+THROUGHPUT_SOURCE = "placeholder default, not yet measured by benchmarks/"
+FALLBACK_MODEL = "salmonn-13b"  # a directory of parts is costed like the 13B model
+
+# Typical bitrates (kbit/s) to estimate durations from sizes when nothing better is known.
+DEFAULT_KBPS: dict[str, float] = {
+    ".wav": 1411.2, ".wave": 1411.2, ".w64": 1411.2, ".aif": 1411.2, ".aiff": 1411.2, ".aifc": 1411.2,
+    ".au": 1411.2, ".snd": 1411.2, ".caf": 1411.2,
+    ".flac": 800.0, ".alac": 800.0, ".ape": 700.0, ".wv": 700.0, ".tta": 700.0,
+    ".mp3": 128.0, ".mp2": 192.0, ".m4a": 128.0, ".m4b": 64.0, ".aac": 128.0, ".ogg": 112.0,
+    ".oga": 112.0, ".opus": 64.0, ".spx": 24.0, ".wma": 128.0, ".amr": 12.2, ".3ga": 12.2,
+    ".ac3": 384.0, ".eac3": 384.0, ".dts": 768.0, ".mka": 192.0,
+    # video containers: the video stream dominates the size
+    ".mp4": 2500.0, ".m4v": 2500.0, ".mkv": 4000.0, ".mov": 4000.0, ".webm": 1500.0, ".avi": 2500.0,
+    ".flv": 1000.0, ".wmv": 2000.0, ".asf": 2000.0, ".mpg": 4000.0, ".mpeg": 4000.0, ".ts": 4000.0,
+    ".mts": 8000.0, ".m2ts": 8000.0, ".3gp": 500.0, ".3g2": 500.0, ".ogv": 1500.0, ".vob": 5000.0,
+}
+DEFAULT_KBPS_OTHER = 128.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FilePlan:
+    uri: str
+    size_bytes: int | None
+    action: str
+    duration_s: float | None        # None for unchanged files (not needed) and over-limit files
+    duration_source: str | None     # measured | header | estimate
+    windows: int
+    over_limit: str | None = None   # "too_large" / "too_long": the run will write an error row
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    input: str
+    out: str
+    model: str
+    tasks: tuple[str, ...]
+    config_hash: str
+    window_s: float
+    hop_s: float
+    files: tuple[FilePlan, ...]
+    throughput: float               # audio-h per GPU-h for this run's task set
+    throughput_source: str
+    list_s: float
+    probe_files: int
+    probe_bytes: int
+
+    def count(self, action: str) -> int:
+        return sum(1 for f in self.files if f.action == action)
+
+    @property
+    def todo(self) -> list[FilePlan]:
+        return [f for f in self.files if f.action in TO_PROCESS]
+
+    def audio_hours(self, source: str | None = None) -> float:
+        return sum((f.duration_s or 0.0) for f in self.todo
+                   if source is None or f.duration_source == source) / 3600
+
+    @property
+    def windows(self) -> int:
+        return sum(f.windows for f in self.todo)
+
+    @property
+    def rows(self) -> int:
+        return self.windows * len(self.tasks)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.audio_hours() / self.throughput if self.throughput > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input, "out": self.out, "model": self.model, "tasks": list(self.tasks),
+            "config_hash": self.config_hash, "window_s": self.window_s, "hop_s": self.hop_s,
+            "counts": {a: self.count(a) for a in ACTIONS},
+            "files_listed": len(self.files),
+            "bytes_listed": sum(f.size_bytes or 0 for f in self.files),
+            "bytes_to_process": sum(f.size_bytes or 0 for f in self.todo),
+            "over_limits": sum(1 for f in self.todo if f.over_limit),
+            "audio_hours": self.audio_hours(),
+            "audio_hours_by_source": {s: self.audio_hours(s) for s in (SRC_MEASURED, SRC_HEADER, SRC_ESTIMATE)},
+            "audio_hours_is_estimate": self.audio_hours(SRC_ESTIMATE) > 0,
+            "windows": self.windows, "result_rows": self.rows,
+            "throughput_audio_h_per_gpu_h": self.throughput, "throughput_source": self.throughput_source,
+            "gpu_hours": self.gpu_hours,
+            "list_s": self.list_s, "probe_files": self.probe_files, "probe_bytes": self.probe_bytes,
+            "files": [dataclasses.asdict(f) for f in self.files],
+        }
+
+    def format(self, *, show_files: bool = False) -> str:
+        todo = self.todo
+        est = self.audio_hours(SRC_ESTIMATE)
+        lines = [
+            f"plan: {self.input} -> {self.out}   (dry run: nothing written, no audio decoded)",
+            f"model {self.model} | tasks {', '.join(self.tasks)} ({len(self.tasks)}) | config hash "
+            f"{self.config_hash} | window {self.window_s:g} s, hop {self.hop_s:g} s",
+            f"listed {len(self.files):,} files ({_bytes(sum(f.size_bytes or 0 for f in self.files))}) "
+            f"in {self.list_s:.2f} s",
+        ]
+        labels = {NEW: "new", CHANGED: "changed (new version)", CONFIG_CHANGED: "config changed",
+                  RETRY: "retry (transient error)", UNCHANGED: "unchanged (skipped)"}
+        for a in ACTIONS:
+            lines.append(f"  {labels[a]:<26}{self.count(a):>10,}")
+        over = collections.Counter(f.over_limit for f in todo if f.over_limit)
+        over_text = ", ".join(f"{v} {k}" for k, v in sorted(over.items()))
+        lines.append(f"to process: {len(todo):,} files, {_bytes(sum(f.size_bytes or 0 for f in todo))}"
+                     + (f" ({over_text} over the limits: error rows, or cut at max duration)" if over else ""))
+        sources = [(h, what) for h, what in ((self.audio_hours(SRC_MEASURED), "measured by earlier runs"),
+                                             (self.audio_hours(SRC_HEADER), "from container headers"),
+                                             (est, "ESTIMATED from bytes")) if h > 0]
+        if len(sources) > 1:
+            detail = " = " + " + ".join(f"{'~' if what.startswith('EST') else ''}{_hours(h)} {what}"
+                                        for h, what in sources)
+        else:
+            detail = f" ({sources[0][1]})" if sources else ""
+        lines.append(f"audio to process: {'~' if est else ''}{_hours(self.audio_hours())}{detail}")
+        lines.append(f"windows: {self.windows:,} x {len(self.tasks)} tasks = {self.rows:,} result rows")
+        lines.append(f"GPU estimate: ~{_hours(self.gpu_hours, 'GPU-h')} at {self.throughput:g} audio-h per GPU-h "
+                     f"({self.throughput_source}; set --throughput to change)")
+        if self.probe_files:
+            lines.append(f"header probe: read {_bytes(self.probe_bytes)} from {self.probe_files:,} files "
+                         f"(at most {_bytes(PROBE_MAX_BYTES)} each; no audio content)")
+        else:
+            lines.append("header probe: no file was opened")
+        if show_files:
+            lines.append("files:")
+            for f in self.files:
+                dur = "-" if f.duration_s is None else (
+                    f"{'~' if f.duration_source == SRC_ESTIMATE else ''}{f.duration_s:.1f} s ({f.duration_source})")
+                lines.append(f"  {f.action:<15}{dur:<28}{f.windows:>6} win  {f.uri}"
+                             + (f"  [{f.over_limit}]" if f.over_limit else ""))
+        return "\n".join(lines)
+
+
+def _hours(h: float, unit: str = "h") -> str:
+    """Hours for people: '1,234.5 h', '0.278 h', '19 s' (unit 'GPU-h' -> 'GPU-s' for tiny values)."""
+    if h != h:  # nan
+        return f"? {unit}"
+    if 0 < h < 0.01:
+        return f"{h * 3600:.2g} {unit[:-1]}s"
+    return f"{h:,.1f} {unit}" if h >= 10 else f"{h:.3g} {unit}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+def n_windows(duration_s: float | None, window_s: float, hop_s: float) -> int:
+    """Windows the decoder cuts from ``duration_s`` seconds (the last one may be shorter)."""
+    if not duration_s or duration_s <= 0:
+        return 0
+    return 1 + max(0, math.ceil((duration_s - window_s) / hop_s - 1e-9))
+
+
+def classify(entry: cm.CommittedFile | None, version: str, chash: str) -> str:
+    if entry is None:
+        return NEW
+    if entry.version != version:
+        return CHANGED
+    if entry.config_hash != chash:
+        return CONFIG_CHANGED
+    return UNCHANGED if cm.is_done(entry, version, chash) else RETRY
+
+
+def default_throughput(model: str, n_tasks: int) -> tuple[float, str]:
+    """(audio-h per GPU-h for ``n_tasks`` tasks, where the figure comes from)."""
+    key = model if model in THROUGHPUT_AUDIO_H_PER_GPU_H else FALLBACK_MODEL
+    per_h, bench_tasks = THROUGHPUT_AUDIO_H_PER_GPU_H[key]
+    scaled = per_h * bench_tasks / max(1, n_tasks)
+    note = f"{THROUGHPUT_SOURCE}: {per_h:g} for {key} with {bench_tasks} tasks"
+    if n_tasks != bench_tasks:
+        note += f", scaled to {n_tasks}"
+    return scaled, note
+
+
+def plan_run(cfg: Any, *, throughput: float | None = None, probe: str = "auto") -> Plan:
+    """The plan for the run ``cfg`` (a :class:`pipelines.run.PipelineConfig`) would make.
+
+    Tasks and the config hash come from ``pipelines.run`` itself, so the plan's skip decisions
+    are the run's. (With ``cfg.tasks`` empty this needs ``salmonn.default_tasks()``.)
+    """
+    from pipelines.run import config_hash_of, resolve_tasks
+
+    tasks = resolve_tasks(cfg.tasks)
+    return make_plan(cfg, task_names=[t.name for t in tasks], chash=config_hash_of(cfg),
+                     throughput=throughput, probe=probe)
+
+
+def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: float | None = None,
+              probe: str = "auto") -> Plan:
+    """Plan for config ``cfg`` whose tasks are ``task_names`` and config hash ``chash``."""
+    from pipelines.sources import list_inputs
+
+    if probe not in ("auto", "always", "never"):
+        raise ValueError(f"probe must be auto, always or never, got {probe!r}")
+    t0 = time.monotonic()
+    refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    list_s = time.monotonic() - t0
+    out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
+    store = cm.OutputStore(cfg.out, out_so)
+    ledger = cm.committed_ledger(store.all_commits()) if store.list_runs() else {}
+    previous = _previous_files(store) if ledger else {}
+    kbps = calibrate_kbps(previous.values())
+
+    d = cfg.decode
+    window = d.window_s
+    hop = d.hop_s if d.hop_s is not None else d.window_s
+    actions = [classify(ledger.get(r.uri), r.version, chash) for r in refs]
+
+    # measured durations first; then the header probe for what is left
+    durations: dict[str, tuple[float, str]] = {}
+    for r, a in zip(refs, actions):
+        if a in (CONFIG_CHANGED, RETRY):
+            prev = previous.get(r.uri)
+            if prev and prev.get("duration_s") and prev.get("size_bytes") == r.size_bytes:
+                durations[r.uri] = (float(prev["duration_s"]), SRC_MEASURED)
+    to_probe = [r for r, a in zip(refs, actions) if a in TO_PROCESS and r.uri not in durations
+                and _probe_wanted(r.uri, probe) and _extension(r.uri) in HEADER_PARSERS
+                and r.size_bytes and (d.max_bytes is None or r.size_bytes <= d.max_bytes)]
+    probe_bytes = 0
+    if to_probe:
+        with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(to_probe))) as pool:
+            for r, (dur, nbytes) in zip(to_probe, pool.map(lambda r: probe_file(r.uri, r.size_bytes,
+                                                                                 dict(cfg.storage_options)),
+                                                           to_probe)):
+                probe_bytes += nbytes
+                if dur is not None and dur > 0:
+                    durations[r.uri] = (dur, SRC_HEADER)
+
+    files = []
+    for r, a in zip(refs, actions):
+        if a == UNCHANGED:
+            files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0))
+            continue
+        if r.size_bytes is not None and d.max_bytes is not None and r.size_bytes > d.max_bytes:
+            files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0, over_limit="too_large"))
+            continue
+        if r.uri in durations:
+            dur, src = durations[r.uri]
+        else:
+            dur, src = estimate_duration(r.uri, r.size_bytes, kbps), SRC_ESTIMATE
+        over = None
+        if dur is not None and dur > d.max_duration_s:
+            if src == SRC_HEADER and dur > DECLARED_TOO_LONG_FACTOR * d.max_duration_s:
+                # decode rejects such a header before decoding anything: an error row, no work
+                files.append(FilePlan(r.uri, r.size_bytes, a, None, src, 0, over_limit="too_long"))
+                continue
+            dur, over = d.max_duration_s, "too_long"  # decoded up to the cap: a partial row
+        files.append(FilePlan(r.uri, r.size_bytes, a, dur, src, n_windows(dur, window, hop), over_limit=over))
+
+    if throughput is None:
+        throughput_value, source = default_throughput(cfg.model, len(task_names))
+    else:
+        if throughput <= 0:
+            raise ValueError(f"throughput must be > 0 audio-h per GPU-h, got {throughput}")
+        throughput_value, source = throughput, "set with --throughput"
+    plan = Plan(
+        input=cfg.input if isinstance(cfg.input, str) else " ".join(cfg.input), out=cfg.out,
+        model=cfg.model, tasks=tuple(task_names), config_hash=chash, window_s=window, hop_s=hop,
+        files=tuple(files), throughput=throughput_value, throughput_source=source, list_s=list_s,
+        probe_files=len(to_probe), probe_bytes=probe_bytes,
+    )
+    log.info("plan: %d files listed, %d to process, %.2f audio h", len(files), len(plan.todo), plan.audio_hours())
+    return plan
+
+
+def _previous_files(store: cm.OutputStore) -> dict[str, dict[str, Any]]:
+    """uri -> latest committed files row (uri, size_bytes, duration_s, status)."""
+    table = store.read_table("files", latest=True).select(["uri", "size_bytes", "duration_s", "status"])
+    return {row["uri"]: row for row in table.to_pylist()}
+
+
+def calibrate_kbps(rows: Any) -> dict[str, float]:
+    """Per-extension median bitrate (kbit/s) of earlier ``ok`` files: better than any default."""
+    by_ext: dict[str, list[float]] = collections.defaultdict(list)
+    for row in rows:
+        size, dur = row.get("size_bytes"), row.get("duration_s")
+        if row.get("status") == "ok" and size and dur and dur > 0:
+            by_ext[_extension(row["uri"])].append(size * 8 / 1000 / dur)
+    return {ext: statistics.median(v) for ext, v in by_ext.items() if v}
+
+
+def estimate_duration(uri: str, size_bytes: int | None, kbps: Mapping[str, float] | None = None) -> float | None:
+    if not size_bytes:
+        return None
+    ext = _extension(uri)
+    rate = (kbps or {}).get(ext) or DEFAULT_KBPS.get(ext, DEFAULT_KBPS_OTHER)
+    return size_bytes * 8 / 1000 / rate
+
+
+def _extension(uri: str) -> str:
+    return posixpath.splitext(uri.rsplit("/", 1)[-1])[1].lower()
+
+
+def _probe_wanted(uri: str, probe: str) -> bool:
+    if probe == "never":
+        return False
+    if probe == "always":
+        return True
+    return "://" not in uri or uri.startswith("file://")  # auto: local files only
+
+
+# ---------------------------------------------------------------------------------------------
+# Header probing: durations the container states in its first bytes
+# ---------------------------------------------------------------------------------------------
+
+class _Budget(Exception):
+    """The header probe would read more than PROBE_MAX_BYTES."""
+
+
+class CappedReader:
+    """A read-only view of a file object that counts and caps the bytes read (seeks are free)."""
+
+    def __init__(self, f: BinaryIO, size: int, cap: int = PROBE_MAX_BYTES):
+        self.f, self.size, self.cap, self.nread = f, size, cap, 0
+
+    def read(self, n: int) -> bytes:
+        if self.nread + n > self.cap:
+            raise _Budget(f"header probe would read more than {self.cap} bytes")
+        data = self.f.read(n)
+        self.nread += len(data)
+        return data
+
+    def read_exact(self, n: int) -> bytes:
+        data = self.read(n)
+        if len(data) != n:
+            raise EOFError("short read in header")
+        return data
+
+    def seek(self, pos: int) -> None:
+        self.f.seek(pos)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def probe_file(uri: str, size: int | None,
+               storage_options: Mapping[str, Any] | None = None) -> tuple[float | None, int]:
+    """(duration in seconds the header states or None, bytes read). Never raises."""
+    parser = HEADER_PARSERS.get(_extension(uri))
+    if parser is None or not size:
+        return None, 0
+    reader = None
+    try:
+        fs, path = url_to_fs(uri, **dict(storage_options or {}))
+        with fs.open(path, "rb", block_size=PROBE_BLOCK, cache_type="readahead") as f:
+            reader = CappedReader(f, size)
+            dur = parser(reader)
+        return (dur if dur is not None and math.isfinite(dur) and dur > 0 else None), reader.nread
+    except Exception as e:  # noqa: BLE001 - a header we cannot read is estimated from bytes instead
+        log.debug("header probe of %s: %s: %s", uri, type(e).__name__, e)
+        return None, reader.nread if reader is not None else 0
+
+
+def _skip_id3v2(r: CappedReader) -> int:
+    """Offset of the first byte after an ID3v2 tag at the start (0 if none)."""
+    r.seek(0)
+    head = r.read(10)
+    if len(head) == 10 and head[:3] == b"ID3":
+        size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
+        return 10 + size + (10 if head[5] & 0x10 else 0)
+    return 0
+
+
+def _wav(r: CappedReader) -> float | None:
+    r.seek(0)
+    riff = r.read_exact(12)
+    if riff[:4] not in (b"RIFF", b"RF64", b"BW64") or riff[8:12] != b"WAVE":
+        return None
+    pos, byte_rate, rate, fact, ds64_data = 12, None, None, None, None
+    for _ in range(64):
+        r.seek(pos)
+        hdr = r.read(8)
+        if len(hdr) < 8:
+            return None
+        cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+        if cid == b"ds64":
+            ds64_data = struct.unpack("<Q", r.read_exact(16)[8:16])[0]
+        elif cid == b"fmt ":
+            fmt = r.read_exact(16)
+            _tag, _channels, rate, byte_rate = struct.unpack("<HHII", fmt[:12])
+        elif cid == b"fact":
+            fact = struct.unpack("<I", r.read_exact(4))[0]
+        elif cid == b"data":
+            data = ds64_data if size == 0xFFFFFFFF and ds64_data else size
+            data = min(data, max(0, r.size - pos - 8))
+            if fact and rate:
+                return fact / rate
+            return data / byte_rate if byte_rate else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _aiff(r: CappedReader) -> float | None:
+    r.seek(0)
+    form = r.read_exact(12)
+    if form[:4] != b"FORM" or form[8:12] not in (b"AIFF", b"AIFC"):
+        return None
+    pos = 12
+    for _ in range(64):
+        r.seek(pos)
+        hdr = r.read(8)
+        if len(hdr) < 8:
+            return None
+        cid, size = hdr[:4], struct.unpack(">I", hdr[4:])[0]
+        if cid == b"COMM":
+            comm = r.read_exact(18)
+            frames = struct.unpack(">I", comm[2:6])[0]
+            exp = struct.unpack(">H", comm[8:10])[0] & 0x7FFF
+            mant = struct.unpack(">Q", comm[10:18])[0]
+            rate = mant * 2.0 ** (exp - 16383 - 63)
+            return frames / rate if rate > 0 else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _flac(r: CappedReader) -> float | None:
+    start = _skip_id3v2(r)
+    r.seek(start)
+    if r.read_exact(4) != b"fLaC":
+        return None
+    block = r.read_exact(4)
+    if block[0] & 0x7F != 0:  # STREAMINFO must come first
+        return None
+    info = r.read_exact(34)
+    bits = int.from_bytes(info[10:18], "big")
+    rate = bits >> 44
+    total = bits & ((1 << 36) - 1)
+    return total / rate if rate and total else None
+
+
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_KBPS = {  # (MPEG1?, layer) -> bitrate table
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+
+
+def _mp3(r: CappedReader) -> float | None:
+    start = _skip_id3v2(r)
+    r.seek(start)
+    buf = r.read(4096)
+    for i in range(len(buf) - 4):
+        if buf[i] != 0xFF or (buf[i + 1] & 0xE0) != 0xE0:
+            continue
+        b1, b2, b3 = buf[i + 1], buf[i + 2], buf[i + 3]
+        version, layer_bits, br_idx, sr_idx = (b1 >> 3) & 3, (b1 >> 1) & 3, b2 >> 4, (b2 >> 2) & 3
+        if version == 1 or layer_bits == 0 or br_idx in (0, 15) or sr_idx == 3:
+            continue
+        mpeg1, layer = version == 3, 4 - layer_bits
+        rate = _MP3_RATES[version][sr_idx]
+        spf = 384 if layer == 1 else (1152 if layer == 2 or mpeg1 else 576)
+        mono = (b3 >> 6) == 3
+        side = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+        frame = buf[i:]
+        for off, tag in ((4 + side, (b"Xing", b"Info")), (36, (b"VBRI",))):
+            if frame[off:off + 4] in tag:
+                if tag[0] == b"VBRI" and len(frame) >= off + 18:
+                    return struct.unpack(">I", frame[off + 14:off + 18])[0] * spf / rate
+                if len(frame) >= off + 12:
+                    flags = struct.unpack(">I", frame[off + 4:off + 8])[0]
+                    if flags & 1:
+                        return struct.unpack(">I", frame[off + 8:off + 12])[0] * spf / rate
+        # CBR: the bitrate of the first frame over the audio bytes (an ID3v1 tag is 128 bytes)
+        kbps = _MP3_KBPS[(mpeg1, layer)][br_idx]
+        return (r.size - start - i) * 8 / (kbps * 1000)
+    return None
+
+
+def _mp4(r: CappedReader) -> float | None:
+    def boxes(start: int, end: int):
+        pos = start
+        for _ in range(256):
+            if pos + 8 > end:
+                return
+            r.seek(pos)
+            size, kind = struct.unpack(">I4s", r.read_exact(8))
+            header = 8
+            if size == 1:
+                size, header = struct.unpack(">Q", r.read_exact(8))[0], 16
+            elif size == 0:
+                size = end - pos
+            if size < header:
+                return
+            yield kind, pos + header, pos + size
+            pos += size
+
+    for kind, body, end in boxes(0, r.size):
+        if kind == b"moov":
+            for child, cbody, _cend in boxes(body, end):
+                if child == b"mvhd":
+                    r.seek(cbody)
+                    version = r.read_exact(1)[0]
+                    if version == 1:
+                        data = r.read_exact(3 + 16 + 12)
+                        timescale, duration = struct.unpack(">IQ", data[19:31])
+                    else:
+                        data = r.read_exact(3 + 8 + 8)
+                        timescale, duration = struct.unpack(">II", data[11:19])
+                    return duration / timescale if timescale else None
+            return None
+    return None
+
+
+HEADER_PARSERS = {
+    ".wav": _wav, ".wave": _wav, ".aif": _aiff, ".aiff": _aiff, ".aifc": _aiff, ".flac": _flac,
+    ".mp3": _mp3, ".mp2": _mp3, ".m4a": _mp4, ".m4b": _mp4, ".mp4": _mp4, ".m4v": _mp4,
+    ".mov": _mp4, ".3gp": _mp4, ".3g2": _mp4,
+}
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=1, default=str)

@@ -1,0 +1,140 @@
+"""export: SRT/WebVTT validated by parser libraries, latest results only, JSONL in Lhotse's names."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import srt
+import webvtt
+
+from pipelines import cli_ops, export
+from tests import ops_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("export") / "out")
+    fx.build_two_runs(path)
+    return path
+
+
+def _files(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+
+def test_srt_parses_with_contiguous_timestamps_and_latest_text(out, tmp_path):
+    res = export.export(out, fmt="srt", task="transcribe", to=str(tmp_path))
+    # one file per input with segments (errors have none); nested input keeps its folder
+    assert _files(tmp_path) == ["ep01.srt", "ep02.srt", "ep03.srt", "ep07.srt", "interviews/ep06.srt"]
+    assert res.inputs == 5 and len(res.files) == 5
+
+    subs = list(srt.parse((tmp_path / "ep01.srt").read_text()))
+    assert [s.index for s in subs] == [1, 2, 3]
+    assert [(s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [(0, 30), (30, 60), (60, 75)]
+    # ep01 was re-processed by run 2: only its new text, never run 1's
+    assert all(s.content.startswith("v2 ") for s in subs)
+
+    subs6 = list(srt.parse((tmp_path / "interviews" / "ep06.srt").read_text()))
+    assert len(subs6) == 5
+    for a, b in zip(subs6, subs6[1:]):
+        assert a.end == b.start                                   # contiguous
+    assert subs6[-1].end.total_seconds() == 130.0
+    assert not any(s.content.startswith("v2 ") for s in subs6)    # untouched by run 2: run 1's text
+
+    # the retried file comes from run 2, the partial one from run 1 with what was decoded
+    assert list(srt.parse((tmp_path / "ep07.srt").read_text()))[0].content.startswith("v2 ")
+    assert [s.end.total_seconds() for s in srt.parse((tmp_path / "ep03.srt").read_text())] == [30, 45]
+
+
+def test_vtt_parses_and_matches_srt(out, tmp_path):
+    export.export(out, fmt="vtt", task="transcribe", to=str(tmp_path / "vtt"))
+    export.export(out, fmt="srt", task="transcribe", to=str(tmp_path / "srt"))
+    for name in ("ep01", "ep02", "ep03", "ep07", "interviews/ep06"):
+        path = tmp_path / "vtt" / f"{name}.vtt"
+        assert path.read_text().startswith("WEBVTT\n")
+        captions = webvtt.read(str(path)).captions
+        subs = list(srt.parse((tmp_path / "srt" / f"{name}.srt").read_text()))
+        assert [c.text for c in captions] == [s.content for s in subs]
+        assert [(c.start_in_seconds, c.end_in_seconds) for c in captions] == [
+            (int(s.start.total_seconds()), int(s.end.total_seconds())) for s in subs]
+        for a, b in zip(captions, captions[1:]):
+            assert a.end == b.start
+
+
+def test_where_prefix_and_other_task(out, tmp_path):
+    res = export.export(out, fmt="srt", task="caption", to=str(tmp_path), where=fx.PREFIX + "interviews/")
+    assert _files(tmp_path) == ["ep06.srt"]
+    assert res.segments == 5
+    text = (tmp_path / "ep06.srt").read_text()
+    assert any(c in text for c in fx.CAPTIONS)
+    assert not any(s in text for s in fx.SENTENCES)  # captions, not transcripts
+
+
+def test_jsonl_uses_lhotse_supervision_names(out, tmp_path):
+    export.export(out, fmt="jsonl", task="emotion", to=str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "interviews" / "ep06.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    for r in rows:
+        assert {"id", "recording_id", "start", "duration", "text", "channel"} <= set(r)
+        assert r["recording_id"] == "interviews/ep06"
+        assert r["custom"]["uri"] == fx.PREFIX + "interviews/ep06.mp3"
+        assert r["custom"]["label"] in ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised",
+                                        "other")
+    assert [r["start"] for r in rows] == [0.0, 30.0, 60.0, 90.0, 120.0]
+    assert [r["duration"] for r in rows] == [30.0, 30.0, 30.0, 30.0, 10.0]
+    assert len({r["id"] for r in rows}) == 5
+
+
+def test_txt_is_text_in_time_order(out, tmp_path):
+    export.export(out, fmt="txt", task="transcribe", to=str(tmp_path))
+    lines = (tmp_path / "ep01.txt").read_text().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("v2 ") for ln in lines)
+
+
+def test_cue_text_is_made_safe():
+    seg = export.Segment("f", "/x.wav", 0, 0.0, 1.5, "transcribe", "a --> b\n\n\nsecond line", None, "r", None)
+    empty = export.Segment("f", "/x.wav", 1, 1.5, 3.0, "transcribe", "more", None, "r", None)
+    body = export.to_srt([seg, empty])
+    subs = list(srt.parse(body))
+    assert subs[0].content == "a \u2192 b\nsecond line" and subs[1].content == "more"
+    assert export.srt_time(3723.456) == "01:02:03,456" and export.vtt_time(59.9996) == "00:01:00.000"
+
+
+def test_name_clashes_keep_extensions():
+    names = export.output_names(["/a/x.mp3", "/a/x.wav", "/a/sub/y.flac", "/a/z.ogg"])
+    assert names == {"/a/x.mp3": "x.mp3", "/a/x.wav": "x.wav", "/a/sub/y.flac": "sub/y", "/a/z.ogg": "z"}
+    assert export.output_names(["s3://bucket/pod/e1.mp3", "s3://bucket/pod/e2.mp3"]) == {
+        "s3://bucket/pod/e1.mp3": "e1", "s3://bucket/pod/e2.mp3": "e2"}
+
+
+def test_cli_export(out, tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli_ops.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", out, "--format", "vtt", "--to", str(tmp_path), "--where", fx.PREFIX + "ep0"])
+    assert args.func(args) == 0
+    assert _files(tmp_path) == ["ep01.vtt", "ep02.vtt", "ep03.vtt", "ep07.vtt"]
+    assert "exported" in capsys.readouterr().out
+
+
+def test_rows_without_label_get_it_from_the_text(tmp_path):
+    """Segments written before schema version 2 have no label: export and report map the text."""
+    from pipelines import commit as cm
+    from pipelines import report
+
+    files, segs, entries = fx.tables(fx.RUN1, {"old.wav": ("ok", None, 40.0, "wav", "pcm_s16le")}, fx.T0, seed=5)
+    segs = segs.drop_columns(["label"])                   # as a version-1 writer had it
+    store = cm.OutputStore(str(tmp_path / "out"))
+    cm.Committer(store, fx.RUN1).commit(files, segs, entries)
+    store.write_run(fx.run_record(fx.RUN1, fx.T0, fx.T0, {"old.wav": ("ok", None, 40.0)}, n_inputs=1, skipped=0))
+    assert store.read_table("segments")["label"].null_count == segs.num_rows
+    export.export(str(tmp_path / "out"), fmt="jsonl", task="emotion", to=str(tmp_path / "x"))
+    rows = [json.loads(x) for x in (tmp_path / "x" / "old.jsonl").read_text().splitlines()]
+    from pipelines.labels import emotion_label
+
+    assert [r["custom"]["label"] for r in rows] == [emotion_label(r["text"]) for r in rows]
+    d = report.collect(str(tmp_path / "out"))
+    assert sum(d.label_counts.values()) == 2
