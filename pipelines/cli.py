@@ -3,6 +3,10 @@
     salmonn-pipeline run INPUT --out OUT [--tasks caption,transcribe,emotion] [--prompt NAME=TEXT] ...
     salmonn-pipeline demo [--dir DIR]
     salmonn-pipeline status OUT
+    salmonn-pipeline plan INPUT --out OUT        what a run would do (nothing decoded or written)
+    salmonn-pipeline report OUT [--html FILE]    how a run went
+    salmonn-pipeline export OUT --format srt|vtt|jsonl|txt --task transcribe --to DIR
+    salmonn-pipeline weights fetch|verify|convert
 """
 
 from __future__ import annotations
@@ -144,7 +148,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.model == "tiny":
         print(TINY_WARNING, file=sys.stderr)
-    summary = run_pipeline(cfg)
+    try:
+        summary = run_pipeline(cfg)
+    except FileNotFoundError as e:  # the input location itself (a typo, or an empty prefix)
+        print(f"salmonn-pipeline: input not found: {e}", file=sys.stderr)
+        return 2
     print(summary.format())
     if cfg.model == "tiny":
         print(TINY_WARNING)
@@ -206,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_status)
+
+    from pipelines.cli_ops import add_subcommands
+
+    add_subcommands(sub)  # plan, report, export, weights
     return parser
 
 

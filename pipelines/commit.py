@@ -49,7 +49,7 @@ RUN_FAILED = "failed"
 # File error types worth trying again on the next run (transient by nature); every other
 # committed file is skipped while its (uri, version, config_hash) is unchanged. worker_crash is
 # not among them: a file that kills its worker would do so again every night.
-RETRYABLE_ERRORS = frozenset({"read_error", "inference_error", "pipeline_error", "timeout"})
+RETRYABLE_ERRORS = frozenset({"read_error", "inference_error", "pipeline_error", "internal_error", "timeout"})
 
 # Storage-option keys whose values are secrets: never written to run records or logs.
 _SECRET_HINTS = ("secret", "key", "token", "password", "credential", "session", "auth")

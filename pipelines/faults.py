@@ -7,13 +7,15 @@ Off unless the environment variable ``SALMONN_PIPELINE_FAULTS`` holds a JSON lis
 A rule fires (``os._exit(77)``, the stand-in for a segfault in a decoder or a CUDA fault) when a
 worker of ``stage`` handles a file whose URI contains ``uri_contains``. ``times`` bounds how often it
 fires across all processes (counted with marker files in ``marker_dir``, since the process that
-fires dies); ``times: -1`` fires every time.
+fires dies); ``times: -1`` fires every time. A rule with ``"sleep_s": S`` sleeps instead of
+exiting (to slow a run down so that a test can interrupt it at a known point).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
 ENV = "SALMONN_PIPELINE_FAULTS"
@@ -26,6 +28,9 @@ def maybe_crash(stage: str, uri: str) -> None:
         return
     for rule in json.loads(spec):
         if rule.get("stage") != stage or rule.get("uri_contains", "") not in uri:
+            continue
+        if "sleep_s" in rule:
+            time.sleep(float(rule["sleep_s"]))
             continue
         times = int(rule.get("times", 1))
         if times >= 0:

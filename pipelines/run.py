@@ -30,8 +30,10 @@ import pyarrow as pa
 import pipelines
 import schemas
 from pipelines import commit as cm
+from pipelines import storage
 from pipelines.batching import WORKER_CRASH
 from pipelines.decode import DecodeOptions, FileInfo
+from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
 from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, ref_to_row
 
@@ -112,7 +114,10 @@ def model_id_for(model: str) -> str:
 
 
 def config_hash_of(cfg: PipelineConfig) -> str:
-    """Hash of what changes results: model, tasks and their settings, windowing, schema."""
+    """Hash of what changes results: model, tasks and their settings, windowing.
+
+    Not the schema version: a schema bump (a new derived column) must not reprocess an archive;
+    older parts are read through ``schemas.conform``."""
     tasks = resolve_tasks(cfg.tasks)
     d = cfg.decode
     return cm.config_hash({
@@ -121,7 +126,6 @@ def config_hash_of(cfg: PipelineConfig) -> str:
         "tasks": [(t.name, t.prompt, dataclasses.asdict(t.settings)) for t in tasks],
         "decode": {"window_s": d.window_s, "hop_s": d.hop_s, "snap": d.snap_to_silence,
                    "channel_mode": d.channel_mode, "sample_rate": d.sample_rate},
-        "schema": schemas.SCHEMA_VERSION,
     })
 
 
@@ -202,7 +206,8 @@ def build_tables(done: Sequence[CompleteFile], refs: Mapping[str, FileRef], *, r
             "pipeline_version": pipelines.__version__, "processed_at": now,
         })
         for s in d.segments:
-            seg_rows.append({**s, "run_id": run_id, "model_id": model_id})
+            seg_rows.append({**s, "run_id": run_id, "model_id": model_id,
+                             "label": segment_label(s["task"], s["text"])})
         entries.append(cm.CommittedFile(file_id=info.file_id, uri=ref.uri, version=ref.version,
                                         config_hash=chash, status=status, error_type=etype,
                                         run_id=run_id, seq=0))
@@ -433,6 +438,9 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique: {names}")
     out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
+    out_so = storage.with_defaults(cfg.out, out_so)
+    in_so = storage.with_defaults(cfg.input, cfg.storage_options)
+    cfg = dataclasses.replace(cfg, storage_options=in_so)
     store = cm.OutputStore(cfg.out, out_so)
     chash = config_hash_of(cfg)
     model_id = model_id_for(cfg.model)

@@ -95,6 +95,7 @@ def check_output(store: cm.OutputStore, durations: dict[str, float], n_tasks: in
             assert spans[-1][1] == pytest.approx(row["duration_s"], abs=1e-3)
         assert all(s["finish_reason"] in ("stop", "length") for s in mine)
         assert all(s["model_id"] == "tiny-random" for s in mine)
+        assert all((s["label"] in schemas.EMOTION_LABELS) == (s["task"] == "emotion") for s in mine)
     # one segments row per (file, segment, task): no duplicates
     keys = [(s["file_id"], s["segment_index"], s["task"]) for s in seg_rows]
     assert len(keys) == len(set(keys))
