@@ -8,7 +8,9 @@ A rule fires (``os._exit(77)``, the stand-in for a segfault in a decoder or a CU
 worker of ``stage`` handles a file whose URI contains ``uri_contains``. ``times`` bounds how often it
 fires across all processes (counted with marker files in ``marker_dir``, since the process that
 fires dies); ``times: -1`` fires every time. A rule with ``"sleep_s": S`` sleeps instead of
-exiting (to slow a run down so that a test can interrupt it at a known point).
+exiting (to slow a run down so that a test can interrupt it at a known point); one with
+``"raise": "message"`` raises ``RuntimeError(message)`` (an ordinary failure of the work, which the
+stage must turn into an error row without losing its neighbours).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def maybe_crash(stage: str, uri: str) -> None:
         if "sleep_s" in rule:
             time.sleep(float(rule["sleep_s"]))
             continue
+        if "raise" in rule:
+            raise RuntimeError(rule["raise"])
         times = int(rule.get("times", 1))
         if times >= 0:
             marker_dir = rule["marker_dir"]

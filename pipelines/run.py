@@ -386,6 +386,11 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     # raises anyway is dropped rather than failing the run: its files come back as missing and are
     # retried in an isolating pass.
     ctx.max_errored_blocks = -1
+    # A model load that fails once (a storage hiccup) is retried in the actor, then with a fresh
+    # actor; a load that fails every time (a missing weight file) still ends the run, with its error.
+    ctx.actor_init_retry_on_errors = True
+    ctx.actor_init_max_retries = 2
+    ctx.max_consecutive_actor_init_deaths = 2
     ctx.enable_progress_bars = bool(cfg.progress and sys.stderr.isatty())
     n_decode, n_infer, gpus_per, infer_cpus = plan_resources(cfg)
     batch_size = 1 if isolate else cfg.batch_size

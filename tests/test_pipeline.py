@@ -242,3 +242,43 @@ def test_demo_command(tmp_path):
     files = store.read_table("files")
     assert files.num_rows == 6
     assert sorted(files["status"].to_pylist()).count("ok") == 5
+
+
+def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
+    """A batch that raises is retried once, then split: only the bad window becomes an error row."""
+    import json
+
+    import salmonn
+    from pipelines import faults
+    from pipelines.batching import rows_to_columns
+    from pipelines.infer import SalmonnPredictor
+    from pipelines.run import file_status
+    from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, info_to_json
+    from pipelines.decode import FileInfo
+    from schemas import stage as cols
+
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "uri_contains": "/x/2.wav", "raise": "CUDA error: boom"}]))
+    tasks = salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=4))
+    pred = SalmonnPredictor("tiny", tasks)
+    rng = np.random.default_rng(1)
+    rows = [DecodeStage.window_row(_window(i, rng.standard_normal(16000 * 2).astype(np.float32) * 0.1))
+            for i in range(5)]
+    out = pred(rows_to_columns(rows, cols.WINDOW_COLUMNS))
+    kinds = list(out["kind"])
+    assert kinds.count(cols.KIND_SEGMENT) == 4 * 3
+    assert kinds.count(cols.KIND_WINDOW_ERROR) == 1
+    bad = kinds.index(cols.KIND_WINDOW_ERROR)
+    assert out["file_id"][bad] == "f2" and "CUDA error: boom" in out["error"][bad]
+    assert {out["file_id"][i] for i, k in enumerate(kinds) if k == cols.KIND_SEGMENT} == {"f0", "f1", "f3", "f4"}
+
+    # the driver side: the file of the bad window is an error row with the reason
+    asm = ResultAssembler([t.name for t in tasks])
+    info = FileInfo(file_id="f2", uri="/x/2.wav", status="ok", error_type=None, error_message=None,
+                    container="wav", codec="pcm_s16le", sample_rate_in=16000, channels_in=1,
+                    duration_s=2.0, n_segments=1)
+    file_batch = rows_to_columns([{"kind": cols.KIND_FILE, "file_id": "f2", "uri": "/x/2.wav",
+                                   "file_info": info_to_json(info)}], cols.RESULT_COLUMNS)
+    done = asm.add(out) + asm.add(file_batch)
+    (complete,) = [d for d in done if d.info.file_id == "f2"]
+    status, etype, message = file_status(complete)
+    assert (status, etype) == ("error", "inference_error") and "boom" in message
