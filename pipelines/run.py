@@ -273,6 +273,7 @@ class CommitBuffer:
         self.buffer: list[CompleteFile] = []
         self.last_flush = time.monotonic()
         self.committed_ids: set[str] = set()
+        self.commit_s = 0.0   # driver time spent writing parts and commit records
 
     def add(self, done: Sequence[CompleteFile]) -> None:
         for d in done:
@@ -288,9 +289,11 @@ class CommitBuffer:
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
+        t0 = time.monotonic()
         files, segs, entries = build_tables(self.buffer, self.refs, run_id=self.run_id,
                                             model_id=self.model_id, chash=self.chash)
         self.committer.commit(files, segs, entries)
+        self.commit_s += time.monotonic() - t0
         self.committed_ids.update(d.info.file_id for d in self.buffer)
         self.progress.add(files)
         self.buffer = []
@@ -472,9 +475,12 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
     stats_text: list[str] = []
     status = cm.RUN_FAILED
+    ray_init_s = 0.0
     try:
         if todo:
+            t_init = time.monotonic()
             with ray_session(cfg):
+                ray_init_s = time.monotonic() - t_init
                 pending = todo
                 for pass_no in range(max(1, cfg.max_passes)):
                     missing, stats = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
@@ -502,6 +508,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
             "ok": progress.status[schemas.STATUS_OK], "partial": progress.status[schemas.STATUS_PARTIAL],
             "error": progress.status[schemas.STATUS_ERROR], "error_types": dict(progress.error_types),
             "audio_hours": progress.audio_s / 3600, "wall_s": wall,
+            "commit_s": round(buffer.commit_s, 3), "ray_init_s": round(ray_init_s, 3),
         }
         store.write_run(_run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
                                     finished_at=cm.utcnow().isoformat(), counts=counts,
