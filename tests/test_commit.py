@@ -110,3 +110,20 @@ def test_redact_hides_secrets():
     blob = json.dumps(red)
     assert "s3cr3t" not in blob and "AKIA123" not in blob and "zzz" not in blob
     assert red["endpoint_url"] == "http://127.0.0.1:9" and red["client_kwargs"]["region_name"] == "us-east-1"
+
+
+def test_model_and_stages_import_no_ray():
+    """salmonn/ and every pipeline stage work without Ray; only pipelines.run imports it."""
+    import subprocess
+    import sys
+
+    modules = ["salmonn", "salmonn.model", "salmonn.checkpoint", "salmonn.tiny", "schemas", "schemas.stage",
+               "pipelines.sources", "pipelines.decode", "pipelines.samples", "pipelines.infer",
+               "pipelines.stages", "pipelines.commit", "pipelines.status", "pipelines.storage",
+               "pipelines.labels", "pipelines.export", "pipelines.plan", "pipelines.report",
+               "pipelines.weights", "pipelines.cli", "pipelines.run"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "from pipelines.infer import SalmonnPredictor\n"
+            "assert 'ray' not in sys.modules, sorted(k for k in sys.modules if k.startswith('ray'))[:5]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
