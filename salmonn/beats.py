@@ -70,7 +70,11 @@ class TrimLast(nn.Module):
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
     """Bidirectional T5-style buckets (T, T) for relative positions key - query."""
     pos = torch.arange(length, device=device)
-    rel = pos[None, :] - pos[:, None]  # (T, T) memory - context
+    return distance_buckets(pos[None, :] - pos[:, None], num_buckets, max_distance)  # (T, T) memory - context
+
+
+def distance_buckets(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """The bucket of each relative position (key - query), elementwise."""
     half = num_buckets // 2
     buckets = (rel > 0).long() * half
     rel = rel.abs()
@@ -101,9 +105,18 @@ class BeatsAttention(nn.Module):
             self.grep_a = nn.Parameter(torch.ones(1, h, 1, 1))
 
     def position_bias(self, length: int) -> torch.Tensor:
-        """Raw relative position bias (H, T, T), computed once per forward by layer 0."""
-        buckets = relative_position_buckets(length, self.num_buckets, self.max_distance, self.q_proj.weight.device)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
+        """Raw relative position bias (H, T, T), computed once per forward by layer 0.
+
+        The same values as embedding `relative_position_buckets(T)`, but the buckets and the
+        embedding lookup are done once per distance (2T - 1 of them); the (T, T) Toeplitz layout
+        is then one contiguous copy, which every layer's (B, H, T, T) bias reads sequentially.
+        """
+        device = self.q_proj.weight.device
+        distances = torch.arange(1 - length, length, device=device)  # (2T - 1,) key - query
+        buckets = distance_buckets(distances, self.num_buckets, self.max_distance)
+        table = self.relative_attention_bias(buckets).T  # (H, 2T - 1), column j: distance j - (T - 1)
+        # windows[h, i, s] = table[h, i + s]; query t needs distance s - t, i.e. i = T - 1 - t
+        return table.unfold(-1, length, 1).flip(1)  # (H, T, T); flip copies, contiguous
 
     def forward(self, x: torch.Tensor, pad_bias: torch.Tensor | None, pos_bias: torch.Tensor | None) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
@@ -112,14 +125,19 @@ class BeatsAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         bias = pad_bias  # (B, 1, 1, T) or None
         if pos_bias is not None:
+            gate = None
             if self.gru_rel_pos:
                 # gate per query from the unscaled query: sigmoid of two 4-way sums
                 gates = torch.sigmoid(self.grep_linear(q).view(b, self.heads, t, 2, 4).sum(-1))  # (B, H, T, 2)
                 gate_a, gate_b = gates.chunk(2, dim=-1)  # (B, H, T, 1) each
-                pos = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * pos_bias  # (B, H, T, T)
+                gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0  # (B, H, T, 1)
+            if gate is not None and bias is not None and gate.dtype == pos_bias.dtype == bias.dtype == q.dtype:
+                # pad_bias + gate * pos_bias in one pass over (B, H, T, T), not two; exact, as
+                # pad_bias is 0 or -inf
+                bias = torch.addcmul(bias, gate, pos_bias)  # (B, H, T, T)
             else:
-                pos = pos_bias[None]  # (1, H, T, T)
-            bias = pos.to(q.dtype) if bias is None else pos.to(q.dtype) + bias
+                pos = pos_bias[None] if gate is None else gate * pos_bias  # (B or 1, H, T, T)
+                bias = pos.to(q.dtype) if bias is None else pos.to(q.dtype) + bias
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, c))
 

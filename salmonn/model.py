@@ -213,24 +213,35 @@ class Salmonn(nn.Module):
         embed_tokens = self.llm.get_input_embeddings()
         device, dtype = embed_tokens.weight.device, embed_tokens.weight.dtype
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 1
-        token_ids: dict[str, tuple[list[int], list[int]]] = {}
-        for prompt in set(prompts):
+        # Rows that share a prompt share its text embeddings: tokenize and embed each distinct
+        # prompt once, then fill all of its rows with a few indexed copies (no per-row loop).
+        rows_of: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            rows_of.setdefault(prompt, []).append(i)
+        parts = {}
+        for prompt in rows_of:
             before, after = split_prompt(prompt)
-            ids_before = self.tokenizer(before, add_special_tokens=False).input_ids
+            ids_before = [bos, *self.tokenizer(before, add_special_tokens=False).input_ids]
             ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
-            token_ids[prompt] = ([bos, *ids_before], ids_after)
-        rows = []
-        for speech, prompt in zip(speech_embeds, prompts):
-            ids_before, ids_after = token_ids[prompt]
-            before = embed_tokens(torch.tensor(ids_before, device=device))  # (Lb, D)
-            after = embed_tokens(torch.tensor(ids_after, device=device))  # (La, D)
-            rows.append(torch.cat([before, speech.to(device, dtype), after]))  # (L_i, D)
-        length = max(r.shape[0] for r in rows)
-        embeds = torch.zeros(len(rows), length, rows[0].shape[-1], device=device, dtype=dtype)  # (B, L, D)
-        mask = torch.zeros(len(rows), length, device=device, dtype=torch.long)  # (B, L)
-        for i, row in enumerate(rows):
-            embeds[i, length - row.shape[0] :] = row
-            mask[i, length - row.shape[0] :] = 1
+            parts[prompt] = (
+                embed_tokens(torch.tensor(ids_before, device=device)),  # (Lb, D)
+                embed_tokens(torch.tensor(ids_after, device=device)),  # (La, D)
+            )
+        n, s, d = speech_embeds.shape
+        length = max(b.shape[0] + s + a.shape[0] for b, a in parts.values())
+        embeds = torch.zeros(n, length, d, device=device, dtype=dtype)  # (B, L, D)
+        mask = torch.zeros(n, length, device=device, dtype=torch.long)  # (B, L)
+        speech_embeds = speech_embeds.to(device, dtype)
+        for prompt, rows in rows_of.items():
+            before, after = parts[prompt]
+            start = length - (before.shape[0] + s + after.shape[0])  # left padding of these rows
+            mid, end = start + before.shape[0], start + before.shape[0] + s
+            contiguous = rows[-1] - rows[0] + 1 == len(rows)  # generate_tasks' rows are task-major
+            idx = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
+            embeds[idx, start:mid] = before  # broadcast over the rows
+            embeds[idx, mid:end] = speech_embeds[idx]
+            embeds[idx, end:] = after
+            mask[idx, start:] = 1
         return embeds, mask
 
     @contextlib.contextmanager

@@ -1,0 +1,50 @@
+"""Each benchmark of benchmarks/ runs end to end at tiny sizes (``--smoke``) and ends with its ratio line.
+
+The figures themselves are not checked here (they depend on the machine); see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> the pattern its last line must match
+FINAL_LINES = {
+    "long_file_memory.py": r"^long_file_memory: peak RSS \S+/\S+ = \d+\.\d+x .*\(goal <= 1\.2x\)$",
+    "pipeline_overlap.py": r"^pipeline_overlap: slowest stage alone \(\w+\) / end-to-end = \d+\.\d+ "
+                           r".*\(goal >= 0\.8\)$",
+    "multitask.py": r"^multitask: 3 tasks / 1 task = \d+\.\d+x the 1-task time \(goal <= 2\.2x\); "
+                    r"encoder share of the 1-task time \d+%$",
+    "gpu_throughput.py": r"^gpu_throughput: smoke run, .*best / official-style loop = \d+\.\d+x .*\(goal >= 20x.*\)$",
+}
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"{name} printed nothing"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("name", sorted(FINAL_LINES))
+def test_benchmark_smoke(name, tmp_path):
+    extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py") else []
+    last = run_script(name, "--smoke", *extra)
+    assert re.match(FINAL_LINES[name], last), f"unexpected final line of {name}: {last!r}"
+
+
+def test_gpu_throughput_skips_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full benchmark would run")
+    last = run_script("gpu_throughput.py")
+    assert last.startswith("gpu_throughput: skipped, no GPU"), last
