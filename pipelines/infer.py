@@ -33,6 +33,7 @@ class WindowIn:
     start_s: float
     end_s: float
     samples: np.ndarray  # (N,) float32, 16 kHz mono
+    file_info: str | None = None  # the file's FileInfo (JSON) when this is its last window
 
 
 def _result_row(**kw: Any) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def windows_from_batch(batch: dict[str, np.ndarray]) -> tuple[list[WindowIn], li
             start_s=float(batch["start_s"][i]),
             end_s=float(batch["end_s"][i]),
             samples=np.frombuffer(batch["samples"][i], dtype="<f4"),
+            file_info=batch["file_info"][i],
         ))
     return windows, passthrough
 
@@ -158,7 +160,7 @@ class SalmonnPredictor:
         log.error("window %d of %s failed inference: %s", w.segment_index, w.uri, text)
         return _result_row(kind=cols.KIND_WINDOW_ERROR, file_id=w.file_id, uri=w.uri,
                            segment_index=w.segment_index, start_s=w.start_s, end_s=w.end_s,
-                           error=text[:2000])
+                           error=text[:2000], file_info=w.file_info)
 
     def _run(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         import torch
@@ -175,12 +177,13 @@ class SalmonnPredictor:
             self.windows_encoded += len(windows)
             generations = self.model.generate_tasks(embeds, self.tasks)
         rows = []
-        for task in self.tasks:
+        for t, task in enumerate(self.tasks):
             for w, g in zip(windows, generations[task.name]):
                 rows.append(_result_row(
                     kind=cols.KIND_SEGMENT, file_id=w.file_id, uri=w.uri, segment_index=w.segment_index,
                     start_s=w.start_s, end_s=w.end_s, task=task.name, prompt=task.prompt, text=g.text,
                     lora_scale=float(task.settings.lora_scale), num_beams=int(task.settings.num_beams),
                     n_output_tokens=int(g.n_tokens), finish_reason=g.finish_reason,
+                    file_info=w.file_info if t == 0 else None,  # passed on once per window
                 ))
         return rows

@@ -82,24 +82,37 @@ class DecodeStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         rows: list[dict[str, Any]] = []
-        n = len(batch["uri"])
-        for i in range(n):
+
+        def emit(row: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+            nonlocal rows
+            rows.append(row)
+            if len(rows) >= self.windows_per_batch:
+                yield rows_to_columns(rows, cols.WINDOW_COLUMNS)
+                rows = []
+
+        for i in range(len(batch["uri"])):
             ref = ref_from_row({k: batch[k][i] for k in batch})
             key = f"decode:{ref.file_id}"
             attempt = self.ledger.begin(key) if self.ledger is not None else 1
             if attempt > self.max_attempts:
                 log.error("giving up on %s: its decode killed the worker %d times", ref.uri, attempt - 1)
-                rows.append(self.file_row(crash_info(ref, attempt - 1)))
+                yield from emit(self.file_row(crash_info(ref, attempt - 1)))
                 continue
             faults.maybe_crash("decode", ref.uri)
+            # The file's FileInfo rides on its last window row, so file rows do not take
+            # inference batch slots; a file without windows gets a file row of its own.
+            held: dict[str, Any] | None = None
             for item in decode_file(ref, self.options, self.storage_options):
                 if isinstance(item, Window):
-                    rows.append(self.window_row(item))
-                    if len(rows) >= self.windows_per_batch:
-                        yield rows_to_columns(rows, cols.WINDOW_COLUMNS)
-                        rows = []
+                    if held is not None:
+                        yield from emit(held)
+                    held = self.window_row(item)
+                elif held is not None:
+                    held["file_info"] = info_to_json(item)
+                    yield from emit(held)
+                    held = None
                 else:
-                    rows.append(self.file_row(item))
+                    yield from emit(self.file_row(item))
             if self.ledger is not None:
                 self.ledger.end(key)
         if rows:
@@ -164,9 +177,9 @@ class ResultAssembler:
             fid = batch["file_id"][i]
             p = self._pending.setdefault(fid, _Pending())
             touched.add(fid)
-            if kind == cols.KIND_FILE:
+            if batch["file_info"][i] is not None:  # a file row, or the row of its last window
                 p.info = info_from_json(batch["file_info"][i])
-            elif kind == cols.KIND_SEGMENT:
+            if kind == cols.KIND_SEGMENT:
                 key = (int(batch["segment_index"][i]), str(batch["task"][i]))
                 if key in p.segments:
                     self.duplicates += 1
@@ -174,7 +187,7 @@ class ResultAssembler:
                                    if c not in ("kind", "file_info", "error")}
             elif kind == cols.KIND_WINDOW_ERROR:
                 p.failed_windows[int(batch["segment_index"][i])] = str(batch["error"][i])
-            else:
+            elif kind != cols.KIND_FILE:
                 raise ValueError(f"unknown result kind {kind!r}")
         done = []
         for fid in touched:

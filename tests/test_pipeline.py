@@ -282,3 +282,31 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
     (complete,) = [d for d in done if d.info.file_id == "f2"]
     status, etype, message = file_status(complete)
     assert (status, etype) == ("error", "inference_error") and "boom" in message
+
+
+def test_file_info_rides_on_the_last_window(tmp_path):
+    """Decode emits no separate file row for a file with windows (it would take an inference
+    batch slot); the FileInfo is on its last window row and reaches the driver exactly once."""
+    import salmonn
+    from pipelines.infer import SalmonnPredictor
+    from pipelines.sources import list_inputs
+    from pipelines.stages import DecodeStage, ResultAssembler, ref_to_row
+    from schemas import stage as cols
+
+    write_audio(tmp_path / "a.flac", tone(440.0, 5.0, 16000), 16000, "flac")
+    (tmp_path / "b.mp3").write_bytes(b"not audio" * 50)
+    refs = list_inputs(str(tmp_path))
+    stage = DecodeStage(DecodeOptions(window_s=2.0), windows_per_batch=64)
+    batch = {k: [v] for k, v in ref_to_row(refs[0]).items()}
+    (out,) = list(stage(batch))
+    assert list(out["kind"]) == [cols.KIND_WINDOW] * 3
+    assert [fi is not None for fi in out["file_info"]] == [False, False, True]
+    (bad,) = list(stage({k: [v] for k, v in ref_to_row(refs[1]).items()}))
+    assert list(bad["kind"]) == [cols.KIND_FILE]
+
+    pred = SalmonnPredictor("tiny", salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=3)))
+    results = pred(out)
+    assert sum(fi is not None for fi in results["file_info"]) == 1
+    asm = ResultAssembler(["caption", "transcribe", "emotion"])
+    (done,) = asm.add(results)
+    assert done.info.n_segments == 3 and len(done.segments) == 9
