@@ -175,11 +175,11 @@ class OutputStore:
     # -- runs --------------------------------------------------------------------------------
     def list_runs(self) -> list[str]:
         base = self.path(RUNS_DIR)
+        self.fs.invalidate_cache(base)  # s3fs caches listings; other writers may have added runs
         try:
             entries = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
-        self.fs.invalidate_cache(base)
         runs = [posixpath.basename(e.rstrip("/")) for e in entries]
         return sorted(r for r in runs if not r.startswith((".", "_")))
 
