@@ -142,7 +142,7 @@ class OutputStore:
         return f"{self.out}/{rel}"
 
     # -- low-level writes --------------------------------------------------------------------
-    def _write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)
         if self.is_local:
             self.fs.makedirs(parent, exist_ok=True)
@@ -158,12 +158,12 @@ class OutputStore:
                 f.write(data)
 
     def write_json(self, path: str, obj: Any) -> None:
-        self._write_bytes(path, (json.dumps(obj, sort_keys=True, indent=1, default=str) + "\n").encode())
+        self.write_bytes(path, (json.dumps(obj, sort_keys=True, indent=1, default=str) + "\n").encode())
 
     def write_table(self, path: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self._write_bytes(path, sink.getvalue().to_pybytes())
+        self.write_bytes(path, sink.getvalue().to_pybytes())
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
@@ -357,7 +357,7 @@ class Committer:
             files=entries,
         )
         rec_path = posixpath.join(self.store.run_dir(self.run_id), COMMITS_DIR, f"{seq:06d}.json")
-        self.store._write_bytes(rec_path, record.to_json().encode())
+        self.store.write_bytes(rec_path, record.to_json().encode())
         self.next_seq += 1
         self.n_commits += 1
         log.debug("committed seq %d: %d files, %d segment rows", seq, files.num_rows, segments.num_rows)

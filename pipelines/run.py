@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime as dt
 import logging
 import os
 import sys
@@ -32,10 +31,10 @@ import schemas
 from pipelines import commit as cm
 from pipelines import storage
 from pipelines.batching import WORKER_CRASH
-from pipelines.decode import DecodeOptions, FileInfo
+from pipelines.decode import DecodeOptions
 from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
-from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, ref_to_row
+from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, error_info, ref_to_row
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +216,7 @@ def build_tables(done: Sequence[CompleteFile], refs: Mapping[str, FileRef], *, r
 
 
 def error_file(ref: FileRef, error_type: str, message: str) -> CompleteFile:
-    info = FileInfo(file_id=ref.file_id, uri=ref.uri, status=schemas.STATUS_ERROR, error_type=error_type,
-                    error_message=message, container=None, codec=None, sample_rate_in=None,
-                    channels_in=None, duration_s=None, n_segments=0)
-    return CompleteFile(info, [], {})
+    return CompleteFile(error_info(ref, error_type, message), [], {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,23 +499,19 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     finally:
         wall = time.monotonic() - t0
         progress.tick(force=True)
-        counts = {
-            "n_inputs": len(refs), "n_todo": len(todo), "skipped": skipped, "processed": progress.done,
+        totals = {
+            "n_inputs": len(refs), "skipped": skipped, "processed": progress.done,
             "ok": progress.status[schemas.STATUS_OK], "partial": progress.status[schemas.STATUS_PARTIAL],
             "error": progress.status[schemas.STATUS_ERROR], "error_types": dict(progress.error_types),
             "audio_hours": progress.audio_s / 3600, "wall_s": wall,
-            "commit_s": round(buffer.commit_s, 3), "ray_init_s": round(ray_init_s, 3),
         }
+        counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
+                  "ray_init_s": round(ray_init_s, 3)}
         store.write_run(_run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
                                     finished_at=cm.utcnow().isoformat(), counts=counts,
-                                    n_commits_this_attempt=committer.n_commits, **{"n_inputs": len(refs)}))
+                                    n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
         if stats_text and any(stats_text):
-            store._write_bytes(store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
+            store.write_bytes(store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
                                "\n\n".join(stats_text).encode())
-    return RunSummary(
-        run_id=run_id, out=cfg.out, resumed=resumed_rec is not None, n_inputs=len(refs), skipped=skipped,
-        processed=progress.done, ok=progress.status[schemas.STATUS_OK],
-        partial=progress.status[schemas.STATUS_PARTIAL], error=progress.status[schemas.STATUS_ERROR],
-        error_types=dict(progress.error_types), audio_hours=progress.audio_s / 3600, wall_s=wall,
-        n_commits=committer.n_commits, status=status,
-    )
+    return RunSummary(run_id=run_id, out=cfg.out, resumed=resumed_rec is not None,
+                      n_commits=committer.n_commits, status=status, **totals)

@@ -57,12 +57,16 @@ def info_from_json(text: str) -> FileInfo:
     return FileInfo(**json.loads(text))
 
 
+def error_info(ref: FileRef, error_type: str, message: str) -> FileInfo:
+    """The FileInfo of a file that produced no audio at all (an error row)."""
+    return FileInfo(file_id=ref.file_id, uri=ref.uri, status=STATUS_ERROR, error_type=error_type,
+                    error_message=message, container=None, codec=None, sample_rate_in=None,
+                    channels_in=None, duration_s=None, n_segments=0)
+
+
 def crash_info(ref: FileRef, attempts: int) -> FileInfo:
-    return FileInfo(file_id=ref.file_id, uri=ref.uri, status=STATUS_ERROR, error_type=WORKER_CRASH,
-                    error_message=f"the decode worker process died on each of {attempts} attempts "
-                                  f"to decode this file (a crash in the decoder, or out of memory)",
-                    container=None, codec=None, sample_rate_in=None, channels_in=None, duration_s=None,
-                    n_segments=0)
+    return error_info(ref, WORKER_CRASH, f"the decode worker process died on each of {attempts} attempts "
+                                         f"to decode this file (a crash in the decoder, or out of memory)")
 
 
 class DecodeStage:

@@ -164,7 +164,7 @@ def build_two_runs(out: str) -> cm.OutputStore:
     c1.commit(*tables(RUN1, second, T0 + dt.timedelta(minutes=5), seed=2))
     store.write_run(run_record(RUN1, T0, T0 + dt.timedelta(minutes=5, seconds=20), RUN1_FILES,
                                n_inputs=len(RUN1_FILES), skipped=0))
-    store._write_bytes(store.path(cm.RUNS_DIR, RUN1, "ray_stats-0.txt"), RAY_STATS.encode())
+    store.write_bytes(store.path(cm.RUNS_DIR, RUN1, "ray_stats-0.txt"), RAY_STATS.encode())
     c2 = cm.Committer(store, RUN2)
     c2.commit(*tables(RUN2, RUN2_FILES, T1 + dt.timedelta(minutes=1), version="v2", text_tag="v2 ", seed=3))
     store.write_run(run_record(RUN2, T1, T1 + dt.timedelta(minutes=1, seconds=10), RUN2_FILES,
@@ -202,7 +202,7 @@ def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7
         committer.commit(*tables(run_id, chunk, t, seed=100 + k))
     store.write_run(run_record(run_id, start, t + dt.timedelta(seconds=30), files, n_inputs=n_files + 12,
                                skipped=12))
-    store._write_bytes(store.path(cm.RUNS_DIR, run_id, "ray_stats-0.txt"),
+    store.write_bytes(store.path(cm.RUNS_DIR, run_id, "ray_stats-0.txt"),
                        RAY_STATS.replace("41.3s", "22.9min").replace("2.4min", "23.3min")
                        .replace("39.7s total", "31.0min total").replace("2.2min total", "22.8min total").encode())
     return store

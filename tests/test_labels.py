@@ -110,7 +110,7 @@ def test_schema_version_2_has_label_and_version_1_parts_still_read(tmp_path):
                           segments_part=f"segments/run_id={run}/part-000001-aa.parquet", n_files=1, n_segments=2,
                           committed_at="2025-01-01T00:00:00+00:00",
                           files=(cm.CommittedFile("f1", "/a.wav", "v", "h", "ok", None, run, 1),))
-    store._write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
+    store.write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
     assert schemas.schema_version(pq.read_schema(tmp_path / "out" / rec.segments_part)) == "1"
 
     segs = store.read_table("segments")

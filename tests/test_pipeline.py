@@ -253,7 +253,7 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
     from pipelines.batching import rows_to_columns
     from pipelines.infer import SalmonnPredictor
     from pipelines.run import file_status
-    from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, info_to_json
+    from pipelines.stages import DecodeStage, ResultAssembler, info_to_json
     from pipelines.decode import FileInfo
     from schemas import stage as cols
 
