@@ -439,6 +439,9 @@ def _decode_stream(container, stream, options: DecodeOptions, windower: Windower
                                           f"{options.max_duration_s:g}; the rest is skipped")
             yield from windower.push(chunk)
 
+    # The per-frame path stays free of generators and temporaries: most frames only land in
+    # to_mono's gather buffer, and feed() returns the shared empty tuple.
+    feed = to_mono.feed
     consecutive_bad = 0
     for packet in container.demux(stream):
         try:
@@ -452,11 +455,14 @@ def _decode_stream(container, stream, options: DecodeOptions, windower: Windower
                 raise
             gap = _packet_samples(packet, options.sample_rate)
             probe.skipped_s += gap / options.sample_rate
+            yield from push(to_mono.drain())    # the audio before the gap goes first
             yield from push([np.zeros(gap, dtype=np.float32)])
             continue
         consecutive_bad = 0
         for frame in frames:
-            yield from push(to_mono(frame))
+            out = feed(frame)
+            if out:
+                yield from push(out)
     yield from push(to_mono.flush())
 
 
@@ -471,22 +477,25 @@ def _packet_samples(packet, rate: int) -> int:
 _MIX_OPTIONS = {"rematrix_maxval": "1.0"}
 
 
-# Sample formats the numpy fast path reads: FFmpeg name (packed form) -> (dtype, scale to [-1, 1]).
+# Sample formats the numpy fast path reads: FFmpeg name (packed form) -> (dtype, scale to
+# [-1, 1], offset of the zero level).
 _SAMPLE_FORMATS = {
-    "flt": (np.float32, 1.0), "dbl": (np.float64, 1.0), "s16": (np.int16, 1 / 32768),
-    "s32": (np.int32, 1 / 2**31), "u8": (np.uint8, 1 / 128), "s64": (np.int64, 1 / 2**63),
+    "flt": (np.float32, 1.0, 0.0), "dbl": (np.float64, 1.0, 0.0), "s16": (np.int16, 1 / 32768, 0.0),
+    "s32": (np.int32, 1 / 2**31, 0.0), "u8": (np.uint8, 1 / 128, 128.0), "s64": (np.int64, 1 / 2**63, 0.0),
 }
 RESAMPLE_CHUNK = 16384   # input samples gathered before one soxr call (~0.4 s at 44.1 kHz)
+_NOTHING = ()
 
 
 class _ToMono16k:
     """Decoded frames -> 16 kHz mono float32 arrays.
 
     Fast path (mono, stereo and layouts without channel positions in "mix" mode; any layout in
-    "first" mode): the frame's planes are read as numpy views, down-mixed to mono (stereo: the mean
-    of L and R; position-less layouts: the mean of all channels) or reduced to channel 0, gathered
-    into chunks of ``RESAMPLE_CHUNK`` samples and resampled by soxr's streaming HQ resampler: one
-    C call per chunk instead of a libswresample filter-graph round trip per 1024-sample frame.
+    "first" mode): each frame's planes are read as numpy views and summed (or channel 0 copied)
+    straight into a gather buffer; once it holds ``RESAMPLE_CHUNK`` samples, the chunk is scaled
+    to [-1, 1] and averaged over the channels in one vectorised step and resampled by soxr's
+    streaming HQ resampler. Per frame that is a couple of C calls and no temporary arrays, where a
+    libswresample filter-graph round trip per 1024-sample frame cost more than the decoding.
 
     Surround layouts in "mix" mode go through libswresample instead, whose standard down-mix
     matrix (normalised so the gains sum to 1; LFE left out) is the right mix for them. A frame
@@ -498,26 +507,50 @@ class _ToMono16k:
         self.rate, self.mode = rate, mode
         self._key = None
         self._resampler = None      # libswresample (surround down-mix)
-        self._soxr = None           # soxr stream (fast path)
-        self._pending: list[np.ndarray] = []
-        self._n_pending = 0
-        self._read = None           # frame -> mono float32 at the input rate (fast path)
+        self._soxr = None           # soxr stream, or _Passthrough at the output rate (fast path)
+        self._gather = None         # _Gather: frame -> samples in the buffer (fast path)
+        self._buf = np.empty(2 * RESAMPLE_CHUNK, dtype=np.float32)
+        self._fill = 0
 
-    def __call__(self, frame) -> Iterator[np.ndarray]:
+    def feed(self, frame) -> tuple[np.ndarray, ...] | list[np.ndarray]:
+        """Take one frame; return the 16 kHz chunks that are ready (usually none)."""
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        ready = _NOTHING
         if key != self._key:
-            yield from self.flush()
+            ready = self.flush()
             self._key = key
             self._start(frame)
+        if self._soxr is None:
+            return [*ready, *(np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples)
+                              for out in self._resampler.resample(frame))]
+        n = frame.samples
+        end = self._fill + n
+        if end > self._buf.size:
+            grown = np.empty(max(2 * self._buf.size, end), dtype=np.float32)
+            grown[:self._fill] = self._buf[:self._fill]
+            self._buf = grown
+        self._gather(frame, self._buf[self._fill:end], n)
+        self._fill = end
+        if end >= RESAMPLE_CHUNK:
+            return [*ready, *self._resample(last=False)]
+        return ready
+
+    def drain(self) -> list[np.ndarray]:
+        """Resample what is gathered so far (the stream goes on)."""
+        return self._resample(last=False) if self._soxr is not None else []
+
+    def flush(self) -> list[np.ndarray]:
+        """End of the stream (or of one format): everything still held, resampled."""
+        out = []
         if self._soxr is not None:
-            mono = self._read(frame)
-            self._pending.append(mono)
-            self._n_pending += mono.size
-            if self._n_pending >= RESAMPLE_CHUNK:
-                yield from self._resample_pending(last=False)
-        else:
-            for out in self._resampler.resample(frame):
-                yield np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples)
+            out = self._resample(last=True)
+            self._soxr = None
+        if self._resampler is not None:
+            out = [np.frombuffer(o.planes[0], dtype=np.float32, count=o.samples)
+                   for o in self._resampler.resample(None)]
+            self._resampler = None
+        self._key = None
+        return out
 
     def _start(self, frame) -> None:
         import soxr
@@ -528,7 +561,7 @@ class _ToMono16k:
         positionless = frame.layout.name.endswith("channels")
         fast = packed in _SAMPLE_FORMATS and (self.mode == "first" or channels <= 2 or positionless)
         if fast:
-            self._read = _mono_reader(packed, fmt.is_planar, channels, first=self.mode == "first")
+            self._gather = _Gather(packed, fmt.is_planar, channels, first=self.mode == "first")
             if frame.sample_rate == self.rate:
                 self._soxr = _Passthrough()
             else:
@@ -537,23 +570,12 @@ class _ToMono16k:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate,
                                                 options=_MIX_OPTIONS)
 
-    def _resample_pending(self, last: bool) -> Iterator[np.ndarray]:
-        chunk = (self._pending[0] if len(self._pending) == 1
-                 else np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32))
-        self._pending, self._n_pending = [], 0
-        out = self._soxr.resample_chunk(chunk, last=last)
-        if out.size:
-            yield out
-
-    def flush(self) -> Iterator[np.ndarray]:
-        if self._soxr is not None:
-            yield from self._resample_pending(last=True)
-            self._soxr = None
-        if self._resampler is not None:
-            for out in self._resampler.resample(None):
-                yield np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples)
-            self._resampler = None
-        self._key = None
+    def _resample(self, last: bool) -> list[np.ndarray]:
+        chunk = self._buf[:self._fill]
+        self._gather.to_unit(chunk)
+        out = self._soxr.resample_chunk(chunk, last=last)   # a new array: the buffer is reused
+        self._fill = 0
+        return [out] if out.size else []
 
 
 class _Passthrough:
@@ -561,44 +583,45 @@ class _Passthrough:
 
     @staticmethod
     def resample_chunk(x: np.ndarray, last: bool = False) -> np.ndarray:
-        return x
+        return x.copy()
 
 
-def _mono_reader(packed: str, planar: bool, channels: int, *, first: bool):
-    """frame -> (N,) float32 mono at the frame's rate, from numpy views of its planes."""
-    dtype, scale = _SAMPLE_FORMATS[packed]
-    offset = 128.0 if packed == "u8" else 0.0
+class _Gather:
+    """Reads frames of one sample format and layout into a float32 buffer as the sum of the
+    channels (or channel 0 alone, in "first" mode or for mono), without temporaries;
+    :meth:`to_unit` then turns a gathered chunk into mono in [-1, 1] in place:
+    (sum - channels * offset) * scale / channels."""
 
-    def to_f32(x: np.ndarray, gain: float = 1.0) -> np.ndarray:
-        """A float32 copy of x scaled to [-1, 1] (times gain), computed in float32."""
-        y = x.astype(np.float32)
-        if offset:
-            y -= offset
-        g = np.float32(scale * gain)
-        if g != 1.0:
-            y *= g
-        return y
+    def __init__(self, packed: str, planar: bool, channels: int, *, first: bool):
+        self.dtype, scale, offset = _SAMPLE_FORMATS[packed]
+        self.planar, self.channels = planar, channels
+        self.floating = np.issubdtype(self.dtype, np.floating)
+        self.summed = 1 if first else channels       # channels added into each sample
+        self.gain = np.float32(scale / self.summed)
+        self.bias = np.float32(-offset * self.summed)
 
-    def read(frame) -> np.ndarray:
-        n = frame.samples
-        if planar:
+    def __call__(self, frame, out: np.ndarray, n: int) -> None:
+        dtype, summed = self.dtype, self.summed
+        if self.planar:
             planes = frame.planes
-            if first or channels == 1:
-                return to_f32(np.frombuffer(planes[0], dtype=dtype, count=n))
-            acc = to_f32(np.frombuffer(planes[0], dtype=dtype, count=n), 1.0 / channels)
-            for p in planes[1:channels]:
-                acc += to_f32(np.frombuffer(p, dtype=dtype, count=n), 1.0 / channels)
-            return acc
-        x = np.frombuffer(frame.planes[0], dtype=dtype, count=n * channels).reshape(n, channels)  # (N, C)
-        if first or channels == 1:
-            return to_f32(x[:, 0])
-        # column by column: numpy's axis-1 reduction with a dtype cast is a slow strided loop
-        acc = to_f32(x[:, 0], 1.0 / channels)
-        for c in range(1, channels):
-            acc += to_f32(x[:, c], 1.0 / channels)
-        return acc
+            if summed == 2 and self.floating:     # (integers would overflow before the cast)
+                np.add(np.frombuffer(planes[0], dtype=dtype, count=n),
+                       np.frombuffer(planes[1], dtype=dtype, count=n), out=out)
+                return
+            out[:] = np.frombuffer(planes[0], dtype=dtype, count=n)
+            for p in planes[1:summed]:
+                out += np.frombuffer(p, dtype=dtype, count=n)
+            return
+        x = np.frombuffer(frame.planes[0], dtype=dtype, count=n * self.channels).reshape(n, self.channels)
+        out[:] = x[:, 0]
+        for c in range(1, summed):       # column by column: an axis-1 sum with a cast is slow
+            out += x[:, c]
 
-    return read
+    def to_unit(self, chunk: np.ndarray) -> None:
+        if self.bias:
+            chunk += self.bias
+        if self.gain != 1:
+            chunk *= self.gain
 
 
 def _check_complete(decoded_s: float, probe: _Probe) -> tuple[str, str] | None:

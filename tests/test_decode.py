@@ -272,6 +272,72 @@ def test_layout_without_channel_positions_is_averaged(tmp_path):
     assert np.abs(joined(windows)).max() == pytest.approx(0.5, abs=0.01)
 
 
+# Every sample format FFmpeg decoders hand out that the numpy fast path reads, packed and planar.
+_INT_FORMATS = {"u8": (np.uint8, 128.0, 128.0), "s16": (np.int16, 0.0, 32768.0), "s32": (np.int32, 0.0, 2.0**31)}
+_FLOAT_FORMATS = {"flt": np.float32, "dbl": np.float64}
+
+
+def _frame_of(unit: np.ndarray, fmt: str, layout: str):
+    """A real av.AudioFrame holding unit-scale samples (C, N) in the sample format fmt."""
+    import av
+
+    base = fmt.rstrip("p")
+    if base in _INT_FORMATS:
+        dtype, offset, scale = _INT_FORMATS[base]
+        ints = np.clip(np.round(unit * scale + offset), np.iinfo(dtype).min, np.iinfo(dtype).max)
+        data = ints.astype(dtype)
+    else:
+        data = unit.astype(_FLOAT_FORMATS[base])
+    data = data if fmt.endswith("p") else data.T.reshape(1, -1)    # packed: interleaved
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+    frame.sample_rate = SR
+    return frame, data
+
+
+@pytest.mark.parametrize("fmt", ["u8", "s16", "s32", "flt", "dbl", "u8p", "s16p", "s32p", "fltp", "dblp"])
+@pytest.mark.parametrize("layout,mode", [("mono", "mix"), ("stereo", "mix"), ("stereo", "first"),
+                                         ("3 channels", "mix"), ("5.1", "first")])
+def test_every_sample_format_becomes_the_channel_mean(fmt, layout, mode):
+    """Frames of each sample format -> the mean of the channels (or channel 0) in [-1, 1]."""
+    channels = {"mono": 1, "stereo": 2, "3 channels": 3, "5.1": 6}[layout]
+    rng = np.random.default_rng(channels)
+    unit = rng.uniform(-0.9, 0.9, (channels, 3000)).astype(np.float64)
+    to_mono = decode_mod._ToMono16k(SR, mode)     # 16 kHz in: no resampling, only the reading
+    chunks = []
+    for start in range(0, 3000, 1000):
+        frame, _ = _frame_of(unit[:, start:start + 1000], fmt, layout)
+        chunks += to_mono.feed(frame)
+    chunks += to_mono.flush()
+    got = np.concatenate(chunks)
+    expected = unit[0] if mode == "first" or channels == 1 else unit.mean(axis=0)
+    step = {"u8": 1 / 128, "s16": 1 / 32768}.get(fmt.rstrip("p"), 1e-6)   # quantisation
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=step)
+
+
+def test_a_format_change_mid_stream_keeps_every_sample():
+    """Streams may switch rate/layout/format part-way (e.g. concatenated files): the resampler
+    is flushed and restarted, nothing is dropped or doubled."""
+    to_mono = decode_mod._ToMono16k(SR, "mix")
+    parts = [("s16", "stereo", 44100, 1.5), ("fltp", "mono", 48000, 1.0), ("flt", "stereo", 16000, 0.5),
+             ("fltp", "5.1", 48000, 0.5)]     # the last goes through libswresample's down-mix
+    out, expected = [], 0
+    for fmt, layout, rate, seconds in parts:
+        channels = {"mono": 1, "stereo": 2, "5.1": 6}[layout]
+        unit = np.tile(S.tone(440.0, seconds, rate)[:1], (channels, 1)).astype(np.float64)
+        for start in range(0, unit.shape[1], 1152):
+            frame, _ = _frame_of(unit[:, start:start + 1152], fmt, layout)
+            frame.sample_rate = rate
+            out += to_mono.feed(frame)
+        expected += round(seconds * SR)
+    out += to_mono.flush()
+    x = np.concatenate(out)
+    assert abs(x.size - expected) <= 4 * 16, (x.size, expected)    # resampler edges only
+    assert abs(dominant_hz(x) - 440.0) < 2.0
+    rms = float(np.sqrt(np.mean(x[SR // 4:-SR // 4] ** 2)))
+    assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+
 def test_pure_digital_silence_file_is_kept_and_marked(tmp_path):
     path = tmp_path / "quiet.flac"
     S.write_audio(path, S.silence(40.0, 44100, 2), 44100, "flac")
@@ -567,6 +633,30 @@ def test_damaged_packets_are_skipped_and_reported(tmp_path, speech_files):
     assert (info.status, info.error_type) == ("partial", "decode_error"), info
     assert "undecodable" in info.error_message
     assert info.duration_s > 69 and len(windows) == 3   # the timeline is kept
+
+
+def test_a_skipped_packet_becomes_silence_where_it_was(tmp_path):
+    """The silence for an undecodable packet sits at the packet's own time: the audio decoded
+    before it (still gathered for the resampler) comes first and is sample for sample the
+    undamaged file's decode. (After the damage the resampler's phase differs: the demuxer drops
+    the garbage bytes, so no sample-exact comparison there.)"""
+    clean = tmp_path / "clean.mp3"
+    S.write_audio(clean, S.music_like(20.0, 44100, 2), 44100, "mp3", bit_rate=128_000)
+    data = bytearray(clean.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp3"
+    damaged.write_bytes(bytes(data))
+    x, y = (joined(run(ref_for(p))[0]) for p in (clean, damaged))
+    lost = x.size - y.size      # the demuxer resyncs past garbage bytes: a few frames are gone
+    assert 0 <= lost < 0.2 * SR
+    zero = np.flatnonzero(y[:-1] == 0)
+    gap = zero[np.flatnonzero(np.diff(zero) == 1)]     # runs of exact zeros: the inserted silence
+    assert gap.size > 0.02 * SR
+    t_damage = mid / len(data) * 20.0                  # CBR: bytes are proportional to time
+    assert abs(gap[0] / SR - t_damage) < 0.15 and abs(gap[-1] / SR - t_damage) < 0.3
+    before = int((t_damage - 0.15) * SR)
+    np.testing.assert_allclose(y[:before], x[:before], atol=1e-6)
 
 
 def test_missing_file_and_directory(tmp_path):
