@@ -162,15 +162,11 @@ def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def _is_oom(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def run_ours(model, waves, tasks, batch: int, n_windows: int) -> Result:
     """encode once per window, then all tasks of the batch in one generate; one warm-up batch."""
     import torch
+
+    import salmonn
 
     device = model.device
     n_batches = max(1, math.ceil(n_windows / batch))
@@ -195,7 +191,7 @@ def run_ours(model, waves, tasks, batch: int, n_windows: int) -> Result:
             for i in range(n_batches):
                 one(i + 1)
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
-        if not _is_oom(err):
+        if not salmonn.is_out_of_memory(err):
             raise
         oom = True
     if oom:   # outside the except block, so the failed step's tensors are released first

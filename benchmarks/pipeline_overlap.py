@@ -77,23 +77,24 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
     from pipelines.stages import DecodeStage, ref_to_row
 
     DataContext.get_current().enable_progress_bars = False
-    n_decode, n_infer, gpus_per, infer_cpus = plan_resources(cfg)
+    plan = plan_resources(cfg)
     t0 = time.perf_counter()
     ds = ray.data.from_items([ref_to_row(r) for r in refs], override_num_blocks=max(1, len(refs)))
     ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"options": cfg.decode}, batch_size=1,
-                        compute=ActorPoolStrategy(min_size=1, max_size=n_decode), num_cpus=1)
+                        compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors), num_cpus=1)
     decoded = ds.materialize()
     decode_s = time.perf_counter() - t0
     n_rows = decoded.count()
 
     t0 = time.perf_counter()
     ds = decoded.map_batches(SalmonnPredictor, fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks)},
-                             batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=n_infer),
-                             num_gpus=gpus_per, num_cpus=infer_cpus)
+                             batch_size=plan.batch_size, compute=ActorPoolStrategy(size=plan.infer_actors),
+                             num_gpus=plan.gpus_per_infer_actor, num_cpus=plan.cpus_per_infer_actor)
     results = sum(len(b["kind"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
     infer_s = time.perf_counter() - t0
     return {"decode_s": decode_s, "infer_s": infer_s, "decode_rows": n_rows, "result_rows": results,
-            "pool": f"{n_decode} decode actor(s), {n_infer} inference actor(s) x {infer_cpus:g} CPU"}
+            "pool": f"{plan.decode_actors} decode actor(s), {plan.infer_actors} inference actor(s) x "
+                    f"{plan.cpus_per_infer_actor:g} CPU"}
 
 
 def alone_local(refs, tasks, cfg) -> dict[str, float]:

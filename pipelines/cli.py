@@ -107,7 +107,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="storage option for the output (default: the input's)")
     p.add_argument("--address", help="Ray cluster to connect to ('auto' or HOST:PORT); default: start a local Ray")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per inference batch")
+    p.add_argument("--batch-size", type=int,
+                   help="windows per inference batch (default: 32 on GPU actors, 8 on CPU; a GPU that runs "
+                        "out of memory makes its actor run fewer at once)")
     p.add_argument("--decode-actors", type=int, help="max decode actors (default: free CPUs)")
     p.add_argument("--infer-actors", type=int, help="inference actors (default: one per GPU, or 1)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (default: 1 if GPUs exist)")

@@ -11,6 +11,9 @@ fires dies); ``times: -1`` fires every time. A rule with ``"sleep_s": S`` sleeps
 exiting (to slow a run down so that a test can interrupt it at a known point); one with
 ``"raise": "message"`` raises ``RuntimeError(message)`` (an ordinary failure of the work, which the
 stage must turn into an error row without losing its neighbours).
+
+``{"stage": "infer", "oom_over_windows": N}`` makes an inference call of more than N windows raise
+``torch.OutOfMemoryError``, as a GPU too small for the batch size does.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def maybe_crash(stage: str, uri: str) -> None:
     if not spec:
         return
     for rule in json.loads(spec):
-        if rule.get("stage") != stage or rule.get("uri_contains", "") not in uri:
+        if rule.get("stage") != stage or rule.get("uri_contains", "") not in uri or "oom_over_windows" in rule:
             continue
         if "sleep_s" in rule:
             time.sleep(float(rule["sleep_s"]))
@@ -46,3 +49,16 @@ def maybe_crash(stage: str, uri: str) -> None:
             with open(os.path.join(marker_dir, f"{stage}-{uuid.uuid4().hex}"), "w") as f:
                 f.write(uri)
         os._exit(EXIT_CODE)
+
+
+def maybe_run_out_of_memory(stage: str, n_windows: int) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for rule in json.loads(spec):
+        limit = rule.get("oom_over_windows")
+        if rule.get("stage") == stage and limit is not None and n_windows > int(limit):
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB "
+                                         f"(injected: {n_windows} windows > {limit})")

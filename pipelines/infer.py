@@ -4,6 +4,11 @@
 it directly). It loads the model once, runs the encoders once per window and then generates every
 task for the whole batch, grouping tasks that share generation settings into one batched call.
 
+Memory: a batch that runs the accelerator out of memory is not a failure of its windows. The
+predictor halves the number of windows it runs at once (``max_windows``), keeps that limit for the
+rest of the actor's life and carries on, so a batch size chosen too big for a GPU costs a few
+failed attempts per actor instead of an error row or a retry storm on every batch.
+
 Failure policy: a failing batch is retried once, then split in halves recursively to isolate the
 window that fails; that window becomes a ``window_error`` row (its file is then marked by the
 driver), the rest of the batch gets its results. Nothing raises out of ``__call__`` for bad input.
@@ -81,6 +86,7 @@ class SalmonnPredictor:
         self.ledger = ledger
         self.max_attempts = max_attempts
         self.windows_encoded = 0   # encoder passes (one per window) — for tests and stats
+        self.max_windows: int | None = None   # windows run at once; set when memory ran out
         log.info("SALMONN predictor ready: model %s on %s, tasks %s",
                  self.model_id, device, [t.name for t in self.tasks])
 
@@ -163,8 +169,30 @@ class SalmonnPredictor:
                            error=text[:2000], file_info=w.file_info)
 
     def _run(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
+        """All windows, at most ``max_windows`` at a time; out of memory halves that limit."""
+        import salmonn
+
+        rows: list[dict[str, Any]] = []
+        done = 0
+        while done < len(windows):
+            n = min(len(windows) - done, self.max_windows or len(windows))
+            try:
+                rows += self._run_at_once(windows[done:done + n])
+            except Exception as e:
+                if n == 1 or not salmonn.is_out_of_memory(e):
+                    raise
+                self.max_windows = n // 2
+                log.warning("out of memory with %d windows at once (%s); running at most %d at a time "
+                            "from now on", n, str(e).splitlines()[0][:200], self.max_windows)
+                self._after_failure()
+                continue
+            done += n
+        return rows
+
+    def _run_at_once(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         import torch
 
+        faults.maybe_run_out_of_memory("infer", len(windows))
         for w in windows:
             faults.maybe_crash("infer", w.uri)
         lengths = [len(w.samples) for w in windows]

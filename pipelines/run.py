@@ -54,7 +54,7 @@ class PipelineConfig:
     extensions: tuple[str, ...] | None = None
     address: str | None = None                   # None: start a local Ray; "auto" / host: connect
     num_cpus: int | None = None                  # local Ray only
-    batch_size: int = 8                          # windows per inference batch
+    batch_size: int | None = None                # windows per inference batch; None: 32 on GPU actors, 8 on CPU
     decode_actors: int | None = None             # None: derived from the cluster
     infer_actors: int | None = None
     gpus_per_infer_actor: float | None = None    # None: 1 when the cluster has GPUs, else 0
@@ -352,11 +352,35 @@ def start_ledger() -> RayAttemptLedger:
     return RayAttemptLedger(AttemptCounter.remote())
 
 
-def plan_resources(cfg: PipelineConfig) -> tuple[int, int, float, float]:
-    """(decode actors, infer actors, GPUs per infer actor, CPUs per infer actor) for this cluster."""
-    import ray
+GPU_BATCH_SIZE = 32   # windows per inference batch on a GPU actor (x tasks rows per generate)
+CPU_BATCH_SIZE = 8
 
-    res = ray.cluster_resources()
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """How a pass uses the cluster (``plan_resources``)."""
+
+    decode_actors: int
+    infer_actors: int
+    gpus_per_infer_actor: float
+    cpus_per_infer_actor: float
+    batch_size: int
+
+
+def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = None) -> Resources:
+    """Actor pool sizes and the inference batch size for this cluster (explicit settings win).
+
+    One inference actor per GPU (or ``gpus_per_infer_actor``), one on a CPU-only cluster; the
+    remaining CPUs decode. Batches are bigger on GPU actors, where a decoding step costs about the
+    same for 24 rows as for 96 (reading the weights dominates); a batch too big for the GPU's
+    memory makes the predictor halve what it runs at once (``pipelines.infer``), it does not fail.
+    ``cluster``: the cluster's resources (default: ``ray.cluster_resources()`` of the connected Ray).
+    """
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    res = cluster
     cpus = int(res.get("CPU", 1))
     gpus = int(res.get("GPU", 0))
     gpus_per = cfg.gpus_per_infer_actor if cfg.gpus_per_infer_actor is not None else (1.0 if gpus else 0.0)
@@ -368,12 +392,14 @@ def plan_resources(cfg: PipelineConfig) -> tuple[int, int, float, float]:
         n_infer = 1
     infer_cpus = 1.0
     n_decode = cfg.decode_actors or max(1, min(64, cpus - int(n_infer * infer_cpus)))
-    return n_decode, n_infer, gpus_per, infer_cpus
+    batch_size = cfg.batch_size or (GPU_BATCH_SIZE if gpus_per > 0 else CPU_BATCH_SIZE)
+    return Resources(n_decode, n_infer, gpus_per, infer_cpus, batch_size)
 
 
 def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any], buffer: CommitBuffer, *,
-             isolate: bool) -> tuple[list[str], str]:
-    """One pass of the Ray Data graph over ``refs``; returns (file ids not completed, stats)."""
+             isolate: bool) -> tuple[list[str], str, Resources]:
+    """One pass of the Ray Data graph over ``refs``; returns (file ids not completed, stats, the
+    resources it planned)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -391,10 +417,10 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     ctx.actor_init_max_retries = 2
     ctx.max_consecutive_actor_init_deaths = 2
     ctx.enable_progress_bars = bool(cfg.progress and sys.stderr.isatty())
-    n_decode, n_infer, gpus_per, infer_cpus = plan_resources(cfg)
-    batch_size = 1 if isolate else cfg.batch_size
+    plan = plan_resources(cfg)
+    batch_size = 1 if isolate else plan.batch_size
     log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d",
-             len(refs), n_decode, n_infer, gpus_per, batch_size)
+             len(refs), plan.decode_actors, plan.infer_actors, plan.gpus_per_infer_actor, batch_size)
 
     ledger = start_ledger()
     # The pipeline's own switches (the test fault hook) reach the workers of this run only.
@@ -406,7 +432,7 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         fn_constructor_kwargs={"options": cfg.decode, "storage_options": dict(cfg.storage_options),
                                "ledger": ledger, "max_attempts": cfg.crash_attempts},
         batch_size=1,
-        compute=ActorPoolStrategy(min_size=1, max_size=n_decode),
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),
         num_cpus=1,
         runtime_env=stage_env,
     )
@@ -415,9 +441,9 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
                                "ledger": ledger, "max_attempts": cfg.crash_attempts},
         batch_size=batch_size,
-        compute=ActorPoolStrategy(size=n_infer),
-        num_gpus=gpus_per,
-        num_cpus=infer_cpus,
+        compute=ActorPoolStrategy(size=plan.infer_actors),
+        num_gpus=plan.gpus_per_infer_actor,
+        num_cpus=plan.cpus_per_infer_actor,
         runtime_env=stage_env,
     )
     assembler = ResultAssembler([t.name for t in tasks])
@@ -431,7 +457,7 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         stats = ""
     done = buffer.committed_ids
     missing = [r.file_id for r in refs if r.file_id not in done]
-    return missing, stats
+    return missing, stats, plan
 
 
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
@@ -472,6 +498,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     stats_text: list[str] = []
     status = cm.RUN_FAILED
     ray_init_s = 0.0
+    resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
     try:
         if todo:
             t_init = time.monotonic()
@@ -479,8 +506,9 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                 ray_init_s = time.monotonic() - t_init
                 pending = todo
                 for pass_no in range(max(1, cfg.max_passes)):
-                    missing, stats = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
+                    missing, stats, plan = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
                     stats_text.append(stats)
+                    resources = resources or dataclasses.asdict(plan)
                     if not missing:
                         break
                     log.warning("%d files did not complete in pass %d (a worker died); retrying them in isolation",
@@ -508,7 +536,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
                   "ray_init_s": round(ray_init_s, 3)}
         store.write_run(_run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
-                                    finished_at=cm.utcnow().isoformat(), counts=counts,
+                                    finished_at=cm.utcnow().isoformat(), counts=counts, resources=resources,
                                     n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
         if stats_text and any(stats_text):
             store.write_bytes(store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),

@@ -38,7 +38,7 @@ _EXPORTS = {
         "SalmonnConfig",
         "WhisperDims",
     ),
-    "model": ("Generation", "Precision", "Salmonn", "resolve_precision"),
+    "model": ("Generation", "Precision", "Salmonn", "is_out_of_memory", "resolve_precision"),
     "prompts": ("BUILTIN_TASKS", "OFFICIAL_PROMPTS", "TEMPLATE", "Task", "builtin_task", "default_tasks"),
     "tiny": ("build_tiny", "write_tiny_parts"),
 }

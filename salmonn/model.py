@@ -88,6 +88,15 @@ def resolve_precision(numerics: str, device: torch.device | str, dtype: torch.dt
     return Precision(encoder_dtype=dtype, llm_dtype=dtype, lora_dtype=dtype)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an accelerator running out of memory (a batch too big for it), as
+    opposed to a fault of the input or the model."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def lora_layers(llama_model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 

@@ -6,6 +6,7 @@ folder and to another S3 bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -180,6 +181,9 @@ def test_unlisted_part_is_ignored_by_status_and_resume(tmp_path, ray_local, caps
     orphan = src.parent / "part-999999-0badf00d.parquet"
     orphan.write_bytes(src.read_bytes())
     rec = store.read_run(first.run_id)
+    # what the run planned on this CPU-only Ray: the CPU batch size, one CPU inference actor
+    assert (rec["batch_size"], rec["resources"]["batch_size"]) == (None, 8)
+    assert rec["resources"]["infer_actors"] == 1 and rec["resources"]["gpus_per_infer_actor"] == 0
     store.write_run({**rec, "status": cm.RUN_RUNNING})
 
     assert cli_main(["status", str(out)]) == 0
@@ -282,6 +286,78 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
     (complete,) = [d for d in done if d.info.file_id == "f2"]
     status, etype, message = file_status(complete)
     assert (status, etype) == ("error", "inference_error") and "boom" in message
+
+
+def _predictor_batch(n: int, seconds: float = 2.0):
+    from pipelines.batching import rows_to_columns
+    from pipelines.stages import DecodeStage
+    from schemas import stage as cols
+
+    rng = np.random.default_rng(7)
+    rows = [DecodeStage.window_row(_window(i, rng.standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1))
+            for i in range(n)]
+    return rows_to_columns(rows, cols.WINDOW_COLUMNS)
+
+
+def test_out_of_memory_halves_the_windows_run_at_once(monkeypatch, caplog):
+    """A batch bigger than the GPU's memory (injected: more than 3 windows raise
+    torch.OutOfMemoryError, as CUDA does) is not a failure of its windows: the predictor runs
+    at most half as many at once from then on, once, and every result equals the unconstrained
+    run's."""
+    import json
+    import logging
+
+    import salmonn
+    from pipelines import faults
+    from pipelines.infer import SalmonnPredictor
+    from schemas import stage as cols
+
+    tasks = salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=5))
+    batch = _predictor_batch(7)
+    want = SalmonnPredictor("tiny", tasks)(batch)
+
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "oom_over_windows": 3}]))
+    pred = SalmonnPredictor("tiny", tasks)
+    with caplog.at_level(logging.WARNING, logger="pipelines.infer"):
+        got = pred(batch)
+        again = pred(batch)    # the limit stays: no second out-of-memory
+    assert pred.max_windows == 3
+    oom_logs = [r for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(oom_logs) == 1 and "at most 3 at a time" in oom_logs[0].getMessage()
+    assert not [r for r in caplog.records if "retrying once" in r.getMessage()]   # not a batch failure
+    for out in (got, again):
+        assert list(out["kind"]) == [cols.KIND_SEGMENT] * 7 * 3
+        key = lambda o: sorted(zip(o["task"], o["file_id"], o["text"], o["n_output_tokens"]))  # noqa: E731
+        assert key(out) == key(want)
+
+
+def test_out_of_memory_on_a_single_window_is_that_windows_error(monkeypatch):
+    import json
+
+    import salmonn
+    from pipelines import faults
+    from pipelines.infer import SalmonnPredictor
+    from schemas import stage as cols
+
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "oom_over_windows": 0}]))
+    pred = SalmonnPredictor("tiny", salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=2)))
+    out = pred(_predictor_batch(2))
+    assert list(out["kind"]) == [cols.KIND_WINDOW_ERROR] * 2
+    assert all("OutOfMemoryError" in e and "out of memory" in e for e in out["error"])
+    assert pred.max_windows == 1
+
+
+def test_resources_follow_the_cluster():
+    """Pool sizes and batch size from the cluster's CPUs and GPUs; explicit settings win."""
+    from pipelines.run import plan_resources
+
+    cfg = PipelineConfig(input="x", out="y")
+    gpu = plan_resources(cfg, {"CPU": 16.0, "GPU": 4.0})
+    assert (gpu.infer_actors, gpu.gpus_per_infer_actor, gpu.decode_actors, gpu.batch_size) == (4, 1.0, 12, 32)
+    cpu = plan_resources(cfg, {"CPU": 2.0})
+    assert (cpu.infer_actors, cpu.gpus_per_infer_actor, cpu.decode_actors, cpu.batch_size) == (1, 0.0, 1, 8)
+    half = plan_resources(dataclasses.replace(cfg, gpus_per_infer_actor=0.5, batch_size=12), {"CPU": 8.0, "GPU": 2.0})
+    assert (half.infer_actors, half.decode_actors, half.batch_size) == (4, 4, 12)
 
 
 def test_file_info_rides_on_the_last_window(tmp_path):
