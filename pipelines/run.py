@@ -380,9 +380,8 @@ def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = No
         import ray
 
         cluster = ray.cluster_resources()
-    res = cluster
-    cpus = int(res.get("CPU", 1))
-    gpus = int(res.get("GPU", 0))
+    cpus = int(cluster.get("CPU", 1))
+    gpus = int(cluster.get("GPU", 0))
     gpus_per = cfg.gpus_per_infer_actor if cfg.gpus_per_infer_actor is not None else (1.0 if gpus else 0.0)
     if cfg.infer_actors:
         n_infer = cfg.infer_actors
