@@ -51,7 +51,7 @@ def speech_windows(n: int, seconds: float = 30.0, rate: int = 16_000):
     """(n, seconds * rate) float32 speech-like windows, one seed each."""
     import numpy as np
 
-    from pipelines.samples import speech_like
+    from pipelines.synth import speech_like
 
     return np.stack([speech_like(seconds, rate, seed=i)[0] for i in range(n)])
 

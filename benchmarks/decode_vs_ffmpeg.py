@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import samples  # noqa: E402
+from pipelines import synth as samples  # noqa: E402
 from pipelines.decode import DecodeOptions, FileInfo, decode_file  # noqa: E402
 from pipelines.sources import list_inputs  # noqa: E402
 

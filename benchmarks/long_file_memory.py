@@ -40,7 +40,7 @@ BIT_RATES = {"mp3": 32_000, "m4a": 32_000, "opus": 24_000, "mp4": 32_000, "webm"
 
 def make_file(directory: Path, fmt: str, seconds: float) -> Path:
     """A ``seconds`` long file (a multiple of CHUNK_S, or shorter than it) in ``fmt``, cached."""
-    from pipelines import samples
+    from pipelines import synth as samples
 
     chunk_s = min(CHUNK_S, seconds)
     repeats = max(1, round(seconds / chunk_s))

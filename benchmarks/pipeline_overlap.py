@@ -45,7 +45,7 @@ def make_clips(directory: Path, n: int) -> float:
     """``n`` short speech-like clips in mixed formats (cached); returns their total seconds."""
     import numpy as np
 
-    from pipelines import samples
+    from pipelines import synth as samples
 
     directory.mkdir(parents=True, exist_ok=True)
     total = 0.0

@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
     from pipelines.run import PipelineConfig, run_pipeline
-    from pipelines.samples import make_demo_clips
+    from pipelines.synth import make_demo_clips
 
     base = os.path.abspath(args.dir)
     audio, out = os.path.join(base, "audio"), os.path.join(base, "out")

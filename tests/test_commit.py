@@ -118,7 +118,7 @@ def test_model_and_stages_import_no_ray():
     import sys
 
     modules = ["salmonn", "salmonn.model", "salmonn.checkpoint", "salmonn.tiny", "schemas", "schemas.stage",
-               "pipelines.sources", "pipelines.decode", "pipelines.samples", "pipelines.infer",
+               "pipelines.sources", "pipelines.decode", "pipelines.synth", "pipelines.infer",
                "pipelines.stages", "pipelines.commit", "pipelines.status", "pipelines.storage",
                "pipelines.labels", "pipelines.export", "pipelines.plan", "pipelines.report",
                "pipelines.weights", "pipelines.cli", "pipelines.run"]

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from pipelines import decode as decode_mod
-from pipelines import samples as S
+from pipelines import synth as S
 from pipelines.decode import (
     ERROR_TYPES,
     SAMPLE_RATE,
@@ -798,7 +798,7 @@ def test_closing_early_releases_the_file(tmp_path, speech_files):
 
 
 def test_stage_modules_do_not_import_ray():
-    code = ("import sys, pipelines.sources, pipelines.decode, pipelines.samples; "
+    code = ("import sys, pipelines.sources, pipelines.decode, pipelines.synth; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 

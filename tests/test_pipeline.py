@@ -22,7 +22,7 @@ from pipelines import commit as cm
 from pipelines.cli import main as cli_main
 from pipelines.decode import DecodeOptions
 from pipelines.run import PipelineConfig, run_pipeline
-from pipelines.samples import noise, speech_like, tone, write_audio, write_video
+from pipelines.synth import noise, speech_like, tone, write_audio, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_S = 4.0
@@ -163,7 +163,7 @@ def test_s3_archive_to_local_and_s3_outputs(archive, s3_server, s3_storage_optio
 
 
 def test_unlisted_part_is_ignored_by_status_and_resume(tmp_path, ray_local, capsys):
-    from pipelines.samples import make_demo_clips
+    from pipelines.synth import make_demo_clips
 
     audio = tmp_path / "audio"
     make_demo_clips(audio, seconds=3.0)

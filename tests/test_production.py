@@ -21,7 +21,7 @@ import pytest
 from pipelines import commit as cm
 from pipelines.decode import DecodeOptions
 from pipelines.run import PipelineConfig, run_pipeline
-from pipelines.samples import noise, speech_like, tone, write_audio
+from pipelines.synth import noise, speech_like, tone, write_audio
 from tests.faulty_proxy import FaultyProxy
 
 ROOT = Path(__file__).resolve().parents[1]
