@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from schemas import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,10 @@ RUNS_DIR = "_runs"
 RUN_RECORD = "run.json"
 COMMITS_DIR = "commits"
 
-RUN_RUNNING = "running"
-RUN_COMPLETED = "completed"
-RUN_FAILED = "failed"
-
-# File error types worth trying again on the next run (transient by nature); every other
-# committed file is skipped while its (uri, version, config_hash) is unchanged. worker_crash is
-# not among them: a file that kills its worker would do so again every night.
-RETRYABLE_ERRORS = frozenset({"read_error", "inference_error", "pipeline_error", "internal_error", "timeout"})
+# Run states and the error types the next run tries again (schemas.vocabulary: transient by
+# nature); every other committed file is skipped while its (uri, version, config_hash) is unchanged.
+RUN_RUNNING, RUN_COMPLETED, RUN_FAILED = vocabulary.RUN_RUNNING, vocabulary.RUN_COMPLETED, vocabulary.RUN_FAILED
+RETRYABLE_ERRORS = vocabulary.RETRYABLE_ERRORS
 
 # Storage-option keys whose values are secrets: never written to run records or logs.
 _SECRET_HINTS = ("secret", "key", "token", "password", "credential", "session", "auth")

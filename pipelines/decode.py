@@ -16,26 +16,8 @@ exactly one :class:`FileInfo`, whose ``status`` is
   windows before the damage are good and were yielded);
 * ``error``   -- no window at all (``error_type`` says why).
 
-``error_type`` vocabulary (:data:`ERROR_TYPES`):
-
-=================== ============================================================================
-not_found           the file/object does not exist (e.g. deleted after listing)
-permission_denied   the store refused to open/read it
-not_a_file          the URI names a directory
-empty_file          0 bytes
-too_large           more than ``max_bytes`` (checked before decoding)
-invalid_data        the bytes are not a media container FFmpeg recognises (or its header is broken)
-no_audio_stream     a valid container (e.g. a video) without any audio stream
-unsupported_codec   an audio stream whose codec this FFmpeg build cannot decode
-empty_audio         the audio stream decoded to no samples at all
-too_long            declared duration far beyond ``max_duration_s`` (error, nothing decoded), or
-                    the decoded audio reached the cap (partial: the first ``max_duration_s``)
-decode_error        FFmpeg failed demuxing/decoding part-way (partial) or at once (error)
-truncated           the stream ended well before the duration its header declares (partial)
-read_error          an I/O error while reading (network, object changed during the read, ...);
-                    often transient: worth retrying
-internal_error      anything else (a bug): logged with its traceback, never raised
-=================== ============================================================================
+``error_type`` values: the decode-stage entries of ``schemas.vocabulary.ERRORS`` (:data:`ERROR_TYPES`),
+each with its meaning and whether the next run retries it.
 """
 
 from __future__ import annotations
@@ -43,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -51,10 +34,12 @@ import numpy as np
 from fsspec.core import url_to_fs
 
 from pipelines.sources import FileRef, is_local_filesystem
+from salmonn.config import SAMPLE_RATE  # 16 kHz: what Whisper and BEATs (and so SALMONN) take
+from schemas import vocabulary
+from schemas.vocabulary import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000                # Hz, what Whisper/BEATs (and so SALMONN) take
 MAX_WINDOW_S = 30.0                # Whisper's context
 SNAP_SEARCH_S = 2.0                # a snapped cut moves back at most this far ...
 SNAP_FRAME_S = 0.02                # ... to the centre of the quietest frame of this length
@@ -73,12 +58,15 @@ MAX_CONSECUTIVE_BAD_PACKETS = 8   # more undecodable packets in a row: the strea
 AVIO_BUFFER_BYTES = 64 * 2**10     # PyAV's read size from the Python file object
 TAIL_BYTES = 128 * 2**10           # reads in the last TAIL_BYTES of a remote object: own request
 
-STATUS_OK, STATUS_PARTIAL, STATUS_ERROR = "ok", "partial", "error"
-ERROR_TYPES = (
-    "not_found", "permission_denied", "not_a_file", "empty_file", "too_large", "invalid_data",
-    "no_audio_stream", "unsupported_codec", "empty_audio", "too_long", "decode_error",
-    "truncated", "read_error", "internal_error",
-)
+ERROR_TYPES = vocabulary.error_types(vocabulary.DECODE)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -93,22 +81,28 @@ class DecodeOptions:
     sample_rate: int = SAMPLE_RATE    # output rate
 
     def __post_init__(self):
-        if not 0 < self.window_s <= MAX_WINDOW_S:
-            raise ValueError(f"window_s must be in (0, {MAX_WINDOW_S}], got {self.window_s}")
-        if self.hop_s is not None and not 0 < self.hop_s <= self.window_s:
-            raise ValueError(f"hop_s must be in (0, window_s={self.window_s}], got {self.hop_s}")
+        # Messages start with the field's name: the CLI turns it into the flag (--window-s ...).
+        if not (_is_number(self.window_s) and 0 < self.window_s <= MAX_WINDOW_S):
+            raise ValueError(f"window_s: must be in (0, {MAX_WINDOW_S:g}] seconds (the model's context), "
+                             f"got {self.window_s!r}")
+        if self.hop_s is not None and not (_is_number(self.hop_s) and 0 < self.hop_s <= self.window_s):
+            raise ValueError(f"hop_s: must be in (0, window_s={self.window_s:g}] seconds, got {self.hop_s!r}")
         if self.channel_mode not in ("mix", "first"):
-            raise ValueError(f"channel_mode must be 'mix' or 'first', got {self.channel_mode!r}")
-        if self.max_duration_s <= 0:
-            raise ValueError(f"max_duration_s must be > 0, got {self.max_duration_s}")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0 or None, got {self.max_bytes}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be > 0, got {self.block_size}")
-        if self.sample_rate <= 0:
-            raise ValueError(f"sample_rate must be > 0, got {self.sample_rate}")
+            raise ValueError(f"channel_mode: must be 'mix' or 'first', got {self.channel_mode!r}")
+        if not (_is_number(self.max_duration_s) and self.max_duration_s > 0):
+            raise ValueError(f"max_duration_s: must be a finite number of seconds > 0, got {self.max_duration_s!r}")
+        if self.max_bytes is not None and not (_is_int(self.max_bytes) and self.max_bytes > 0):
+            raise ValueError(f"max_bytes: must be an integer > 0 (or None), got {self.max_bytes!r}")
+        if not (_is_int(self.block_size) and self.block_size > 0):
+            raise ValueError(f"block_size: must be an integer > 0, got {self.block_size!r}")
+        if not (_is_int(self.sample_rate) and self.sample_rate > 0):
+            raise ValueError(f"sample_rate: must be an integer > 0, got {self.sample_rate!r}")
         if round(self.window_s * self.sample_rate) < 1:
-            raise ValueError("window_s is shorter than one sample")
+            raise ValueError(f"window_s: shorter than one sample, got {self.window_s!r}")
+        if self.hop_s is not None and round(self.hop_s * self.sample_rate) < 1:
+            raise ValueError(f"hop_s: shorter than one sample, got {self.hop_s!r}")
+        if math.floor(self.max_duration_s * self.sample_rate) < 1:
+            raise ValueError(f"max_duration_s: shorter than one sample, got {self.max_duration_s!r}")
 
     @property
     def window_samples(self) -> int:

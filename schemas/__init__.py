@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# The values of files.status, segments.finish_reason and segments.label (and files.error_type,
+# run states) are defined in schemas.vocabulary; re-exported here for the table checks below.
+from schemas.vocabulary import (
+    EMOTION_LABELS,
+    FINISH_LENGTH,
+    FINISH_REASONS,
+    FINISH_STOP,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_PARTIAL,
+    STATUSES,
+)
+
 # Version history:
 #   "1"  first release.
 #   "2"  segments gain ``label``: the emotion task's answer mapped to EMOTION_LABELS (null for
 #        other tasks). Version-1 parts still read: conform() fills the missing column with nulls.
 SCHEMA_VERSION = "2"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
-
-# File status values.
-STATUS_OK = "ok"
-STATUS_PARTIAL = "partial"
-STATUS_ERROR = "error"
-STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_ERROR)
-
-# Segment finish reasons.
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
-
-# segments.label values (emotion task rows; pipelines.labels maps the free-text answer onto them).
-EMOTION_LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised", "other")
 
 _TS = pa.timestamp("us", tz="UTC")
 

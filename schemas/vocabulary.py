@@ -1,0 +1,88 @@
+"""The values the pipeline writes into enumerated columns and run records, each defined once.
+
+* :data:`ERRORS` -- every ``files.error_type``: which stage produces it, whether the next run tries
+  the file again (``retryable``), and what it means. ``pipelines.decode``, ``pipelines.commit`` and
+  the README's error table derive from it (a test checks the README against it). A new error type
+  is one more entry here.
+* run states (``_runs/<run_id>/run.json`` ``status``): :data:`RUN_STATES`.
+* file statuses, finish reasons and emotion labels: the values of ``files.status``,
+  ``segments.finish_reason`` and ``segments.label``.
+
+Pure Python, no imports: every package (decode actors, the driver, operator tools) can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- files.status ---------------------------------------------------------------------------
+STATUS_OK = "ok"            # decoded to the end, every window inferred
+STATUS_PARTIAL = "partial"  # windows were produced, then the stream broke (error_type says why)
+STATUS_ERROR = "error"      # no result at all (error_type says why)
+STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_ERROR)
+
+# --- segments.finish_reason -----------------------------------------------------------------
+FINISH_STOP = "stop"      # the model emitted its end-of-sequence token
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
+
+# --- segments.label (emotion task rows; pipelines.labels maps the free-text answer onto them) --
+EMOTION_LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised", "other")
+
+# --- run.json status ------------------------------------------------------------------------
+RUN_RUNNING = "running"          # written when the run starts; a killed driver leaves it so
+RUN_COMPLETED = "completed"      # every listed file was committed
+RUN_FAILED = "failed"            # the run itself could not complete (an exception in the driver)
+RUN_INTERRUPTED = "interrupted"  # stopped by the operator (Ctrl-C / SIGTERM); resumable
+RUN_STATES = (RUN_RUNNING, RUN_COMPLETED, RUN_FAILED, RUN_INTERRUPTED)
+
+# --- files.error_type -----------------------------------------------------------------------
+DECODE = "decode"        # produced by the CPU decode stage (pipelines.decode)
+INFERENCE = "inference"  # produced around the SALMONN predictor (pipelines.stages / run)
+DRIVER = "driver"        # produced by the driver itself (pipelines.run)
+
+
+@dataclass(frozen=True)
+class ErrorType:
+    name: str
+    stage: str          # DECODE | INFERENCE | DRIVER
+    retryable: bool     # transient by nature: the next run tries the file again
+    description: str    # one sentence, as the README shows it
+
+
+_ERRORS = (
+    ErrorType("not_found", DECODE, False, "the file or object does not exist (e.g. deleted after listing)"),
+    ErrorType("permission_denied", DECODE, False, "the store refused to open or read it"),
+    ErrorType("not_a_file", DECODE, False, "the URI names a directory"),
+    ErrorType("empty_file", DECODE, False, "0 bytes"),
+    ErrorType("too_large", DECODE, False, "more than `max_bytes` (checked before decoding)"),
+    ErrorType("invalid_data", DECODE, False,
+              "the bytes are not a media container FFmpeg recognises, or its header is broken"),
+    ErrorType("no_audio_stream", DECODE, False, "a valid container (e.g. a video) without any audio stream"),
+    ErrorType("unsupported_codec", DECODE, False, "an audio stream whose codec this FFmpeg build cannot decode"),
+    ErrorType("empty_audio", DECODE, False, "the audio stream decoded to no samples at all"),
+    ErrorType("too_long", DECODE, False,
+              "declared duration far beyond `max_duration_s` (error, nothing decoded), or the decoded "
+              "audio reached the cap (partial: the first `max_duration_s`)"),
+    ErrorType("decode_error", DECODE, False, "FFmpeg failed demuxing or decoding, part-way (partial) or at once"),
+    ErrorType("truncated", DECODE, False,
+              "the stream ended well before the duration its header declares (partial)"),
+    ErrorType("read_error", DECODE, True,
+              "an I/O error while reading (network, object changed during the read, ...)"),
+    ErrorType("internal_error", DECODE, True, "anything else (a bug): logged with its traceback, never raised"),
+    ErrorType("inference_error", INFERENCE, True,
+              "inference failed for a window even after the batch was retried and split"),
+    ErrorType("worker_crash", INFERENCE, False,
+              "the file killed its worker process on every attempt (it would again on every run)"),
+    ErrorType("pipeline_error", DRIVER, True,
+              "no result came back for the file in any pass of the run (a worker died each time)"),
+)
+
+ERRORS: dict[str, ErrorType] = {e.name: e for e in _ERRORS}
+ERROR_TYPES: tuple[str, ...] = tuple(ERRORS)
+RETRYABLE_ERRORS: frozenset[str] = frozenset(e.name for e in _ERRORS if e.retryable)
+
+
+def error_types(stage: str) -> tuple[str, ...]:
+    """The error types one stage produces, in table order."""
+    return tuple(e.name for e in _ERRORS if e.stage == stage)
