@@ -17,9 +17,20 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+import salmonn
+from pipelines.config import (
+    MODEL_OPTIONS,
+    ConfigError,
+    PipelineConfig,
+    check_output,
+    check_setting,
+    decode_options,
+)
 
 log = logging.getLogger("salmonn_pipeline")
+PROG = "salmonn-pipeline"
 
 TINY_WARNING = (
     "NOTE: the 'tiny' model preset has RANDOM weights: its captions, transcripts and emotion tags are "
@@ -41,8 +52,8 @@ def parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{flag}: expects KEY=VALUE, got {item!r}")
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
@@ -51,31 +62,48 @@ def parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
-def build_tasks(args: argparse.Namespace) -> tuple[Any, ...]:
+def build_tasks(args: argparse.Namespace) -> tuple[salmonn.Task, ...]:
     """Tasks from --tasks, --prompt, and the global/per-task generation settings."""
-    import salmonn
-
     names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    tasks = [salmonn.builtin_task(n) for n in names]
+    tasks = []
+    for n in names:
+        try:
+            tasks.append(salmonn.builtin_task(n))
+        except ValueError:
+            raise ConfigError(f"--tasks: unknown task {n!r}; built-in tasks: "
+                              f"{', '.join(sorted(salmonn.BUILTIN_TASKS))} (or --prompt NAME=TEXT)") from None
     for item in args.prompt or []:
         name, sep, text = item.partition("=")
         if not sep or not name.strip() or not text.strip():
-            raise SystemExit(f"--prompt expects NAME=TEXT, got {item!r}")
-        tasks.append(salmonn.Task(name.strip(), text.strip(), salmonn.GenerationSettings()))
+            raise ConfigError(f"--prompt: expects NAME=TEXT, got {item!r}")
+        try:
+            tasks.append(salmonn.Task(name.strip(), text.strip(), salmonn.GenerationSettings()))
+        except ValueError as e:
+            raise ConfigError(f"--prompt {name.strip()}: {e}") from None
     if not tasks:
-        raise SystemExit("no tasks: give --tasks and/or --prompt")
+        raise ConfigError("--tasks: no tasks; give --tasks and/or --prompt")
     overrides = {k: v for k, v in {
         "lora_scale": args.lora_scale, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
     }.items() if v is not None}
+    for key, value in overrides.items():
+        check_setting(f"--{key.replace('_', '-')}", key, value)
     per_task = parse_kv(args.task_setting, "--task-setting")
     out = []
     known = {t.name for t in tasks}
     unknown = set(per_task) - known
     if unknown:
-        raise SystemExit(f"--task-setting names unknown task(s) {sorted(unknown)}; tasks are {sorted(known)}")
+        raise ConfigError(f"--task-setting: unknown task(s) {sorted(unknown)}; tasks are {sorted(known)}")
+    for name, settings in per_task.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"--task-setting: expects TASK.KEY=VALUE, got {name}={settings!r}")
+        for key, value in settings.items():
+            check_setting(f"--task-setting {name}.{key}", key, value)
     for t in tasks:
-        settings = dataclasses.replace(t.settings, **overrides, **per_task.get(t.name, {}))
+        try:
+            settings = dataclasses.replace(t.settings, **{**overrides, **per_task.get(t.name, {})})
+        except (ValueError, TypeError) as e:   # GenerationSettings' own checks (range, type)
+            raise ConfigError(f"task {t.name!r}: {e}") from None
         out.append(dataclasses.replace(t, settings=settings))
     return tuple(out)
 
@@ -88,7 +116,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="per-task generation setting, e.g. caption.lora_scale=2.0 (repeatable)")
     p.add_argument("--model", default="tiny", help="tiny | salmonn-13b | salmonn-7b | PATH (default: tiny)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
-                   help="model loading option, e.g. whisper=/models/whisper-large-v2 (repeatable)")
+                   help="model loading option, e.g. whisper_path=/models/whisper-large-v2 (repeatable); "
+                        f"keys: {', '.join(MODEL_OPTIONS)}")
     p.add_argument("--lora-scale", type=float, help="LoRA scale for all tasks (official 4.0; ~2.0 = 'activation')")
     p.add_argument("--num-beams", type=int, help="beams for all tasks (1 = greedy, official 4)")
     p.add_argument("--max-new-tokens", type=int, help="max new tokens for all tasks (official 200)")
@@ -120,18 +149,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    from pipelines.decode import DecodeOptions
-    from pipelines.run import PipelineConfig
-
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The run's configuration, validated; an invalid argument raises :class:`ConfigError`."""
     if args.resume and args.fresh:
-        raise SystemExit("--resume and --fresh exclude each other")
+        raise ConfigError("--resume and --fresh exclude each other")
     storage = parse_kv(args.storage_option, "--storage-option")
     out_storage = parse_kv(args.out_storage_option, "--out-storage-option") if args.out_storage_option else None
-    ext = tuple(e.strip().lower().lstrip(".") for e in args.extensions.split(",")) if args.extensions else None
-    decode = DecodeOptions(window_s=args.window_s, hop_s=args.hop_s, snap_to_silence=args.snap_to_silence,
-                           channel_mode=args.channel_mode, max_duration_s=args.max_duration_s,
-                           max_bytes=args.max_bytes)
+    ext = None
+    if args.extensions is not None:
+        ext = tuple(e for e in (x.strip().lower().lstrip(".") for x in args.extensions.split(",")) if e)
+        if not ext:
+            raise ConfigError(f"--extensions: give comma-separated extensions, got {args.extensions!r}")
+    decode = decode_options(window_s=args.window_s, hop_s=args.hop_s, snap_to_silence=args.snap_to_silence,
+                            channel_mode=args.channel_mode, max_duration_s=args.max_duration_s,
+                            max_bytes=args.max_bytes)
     return PipelineConfig(
         input=args.input[0] if len(args.input) == 1 else tuple(args.input),
         out=args.out, tasks=build_tasks(args), model=args.model,
@@ -145,16 +176,25 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.run import run_pipeline
+    from pipelines.run import RunFailed, one_line, run_pipeline
 
     cfg = config_from_args(args)
+    check_output(cfg)   # --out is not a file, --resume names a run: before Ray starts
     if cfg.model == "tiny":
         print(TINY_WARNING, file=sys.stderr)
     try:
         summary = run_pipeline(cfg)
     except FileNotFoundError as e:  # the input location itself (a typo, or an empty prefix)
-        print(f"salmonn-pipeline: input not found: {e}", file=sys.stderr)
+        print(f"{PROG}: error: input not found: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:   # the run record says failed; the same command resumes it
+        print(f"{PROG}: error: {e} (traceback: {cfg.out.rstrip('/')}/_runs/{e.run_id}/error.txt; "
+              f"the same command resumes the run)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - before the run started (listing, output location)
+        log.debug("run failed before it started", exc_info=True)
+        print(f"{PROG}: error: the run could not start: {one_line(e)}", file=sys.stderr)
+        return 1
     print(summary.format())
     if cfg.model == "tiny":
         print(TINY_WARNING)
@@ -164,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from pipelines.run import PipelineConfig, run_pipeline
+    from pipelines.run import run_pipeline
     from pipelines.synth import make_demo_clips
 
     base = os.path.abspath(args.dir)
@@ -194,9 +234,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``salmonn-pipeline: error: ...``, exit code 2) instead of the
+    usage block; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line to stderr and exit with code 2 (a usage error)."""
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="salmonn-pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except ConfigError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,42 +31,21 @@ import pipelines
 import schemas
 from pipelines import commit as cm
 from pipelines import storage
-from pipelines.batching import WORKER_CRASH
-from pipelines.decode import DecodeOptions
+from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH
+from pipelines.config import PipelineConfig, config_hash_of, model_id_for, resolve_tasks
 from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
-from pipelines.stages import CompleteFile, DecodeStage, ResultAssembler, error_info, ref_to_row
+from pipelines.stages import (
+    PIPELINE_ERROR,
+    CompleteFile,
+    DecodeStage,
+    FailedFile,
+    ResultAssembler,
+    error_info,
+    refs_table,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Everything a run needs. CLI flags map 1:1 onto these fields."""
-
-    input: str | tuple[str, ...]
-    out: str
-    tasks: tuple[Any, ...] = ()                 # salmonn Task objects; () = the built-in three
-    model: str = "tiny"                          # preset name or a directory of model parts
-    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    decode: DecodeOptions = DecodeOptions()
-    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # input
-    out_storage_options: Mapping[str, Any] | None = None                          # None = input's
-    extensions: tuple[str, ...] | None = None
-    address: str | None = None                   # None: start a local Ray; "auto" / host: connect
-    num_cpus: int | None = None                  # local Ray only
-    batch_size: int | None = None                # windows per inference batch; None: 32 on GPU actors, 8 on CPU
-    decode_actors: int | None = None             # None: derived from the cluster
-    infer_actors: int | None = None
-    gpus_per_infer_actor: float | None = None    # None: 1 when the cluster has GPUs, else 0
-    flush_files: int = 32                        # commit once this many files are complete...
-    flush_seconds: float = 30.0                  # ...or this long after the last commit
-    max_passes: int = 2                          # 1 normal pass + an isolating pass for dropped blocks
-    crash_attempts: int = 2                      # attempts before work that kills its worker is given up
-    resume_run_id: str | None = None
-    fresh: bool = False
-    progress: bool = True
-    runtime_env: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,34 +78,6 @@ class RunSummary:
             f"{self.audio_hours:.3f} audio h in {self.wall_s:.1f} s = "
             f"{self.audio_h_per_wall_h:.1f} audio-h per wall-h | {self.n_commits} commits -> {self.out}"
         )
-
-
-def resolve_tasks(tasks: Sequence[Any]) -> tuple[Any, ...]:
-    import salmonn
-
-    return tuple(tasks) if tasks else tuple(salmonn.default_tasks())
-
-
-def model_id_for(model: str) -> str:
-    import salmonn
-
-    return salmonn.model_id_for(model)
-
-
-def config_hash_of(cfg: PipelineConfig) -> str:
-    """Hash of what changes results: model, tasks and their settings, windowing.
-
-    Not the schema version: a schema bump (a new derived column) must not reprocess an archive;
-    older parts are read through ``schemas.conform``."""
-    tasks = resolve_tasks(cfg.tasks)
-    d = cfg.decode
-    return cm.config_hash({
-        "model": cfg.model,
-        "model_options": dict(cfg.model_options),
-        "tasks": [(t.name, t.prompt, dataclasses.asdict(t.settings)) for t in tasks],
-        "decode": {"window_s": d.window_s, "hop_s": d.hop_s, "snap": d.snap_to_silence,
-                   "channel_mode": d.channel_mode, "sample_rate": d.sample_rate},
-    })
 
 
 def _input_key(cfg: PipelineConfig) -> str:
@@ -182,37 +134,60 @@ def file_status(done: CompleteFile) -> tuple[str, str | None, str | None]:
     if not done.failed_windows:
         return info.status, info.error_type, info.error_message
     failed = sorted(done.failed_windows)
-    first = done.failed_windows[failed[0]]
+    first_type, first = done.failed_windows[failed[0]]
     msg = f"inference failed for segments {failed[:20]}{'...' if len(failed) > 20 else ''}: {first}"
     status = schemas.STATUS_ERROR if len(failed) >= info.n_segments else schemas.STATUS_PARTIAL
-    crashed = all(e.startswith(WORKER_CRASH + ":") for e in done.failed_windows.values())
-    return status, WORKER_CRASH if crashed else "inference_error", msg
+    types = {t for t, _ in done.failed_windows.values()}
+    return status, (WORKER_CRASH if types == {WORKER_CRASH} else INFERENCE_ERROR), msg
 
 
 def build_tables(done: Sequence[CompleteFile], refs: Mapping[str, FileRef], *, run_id: str, model_id: str,
                  chash: str) -> tuple[pa.Table, pa.Table, list[cm.CommittedFile]]:
+    """The files and segments tables of one commit, and the ledger entries of its files.
+
+    Each file's rows are checked against the output schemas on their own: a file whose rows do
+    not fit (a bug upstream) becomes a ``pipeline_error`` row instead of failing the commit of
+    the files beside it.
+    """
     now = cm.utcnow()
-    files_rows, seg_rows, entries = [], [], []
+    files_parts, seg_parts, entries = [], [], []
     for d in done:
-        info, ref = d.info, refs[d.info.file_id]
-        status, etype, emsg = file_status(d)
-        files_rows.append({
-            "file_id": info.file_id, "uri": ref.uri, "size_bytes": ref.size_bytes, "etag": ref.etag,
-            "mtime": ref.mtime, "status": status, "error_type": etype, "error_message": emsg,
-            "container": info.container, "codec": info.codec, "sample_rate_in": info.sample_rate_in,
-            "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
-            "run_id": run_id, "model_id": model_id, "config_hash": chash,
-            "pipeline_version": pipelines.__version__, "processed_at": now,
-        })
-        for s in d.segments:
-            seg_rows.append({**s, "run_id": run_id, "model_id": model_id,
-                             "label": segment_label(s["task"], s["text"])})
-        entries.append(cm.CommittedFile(file_id=info.file_id, uri=ref.uri, version=ref.version,
-                                        config_hash=chash, status=status, error_type=etype,
-                                        run_id=run_id, seq=0))
-    files = pa.Table.from_pylist(files_rows, schema=schemas.FILES)
-    segs = pa.Table.from_pylist(seg_rows, schema=schemas.SEGMENTS)
+        ref = refs[d.info.file_id]
+        try:
+            f, s, entry = _file_tables(d, ref, run_id=run_id, model_id=model_id, chash=chash, now=now)
+        except Exception as e:  # noqa: BLE001 - one file's bad rows never stop the commit
+            log.error("the results of %s do not fit the output schema: %s", ref.uri, e)
+            bad = error_file(ref, PIPELINE_ERROR, f"its results did not fit the output schema: "
+                                                  f"{type(e).__name__}: {e}"[:2000])
+            f, s, entry = _file_tables(bad, ref, run_id=run_id, model_id=model_id, chash=chash, now=now)
+        files_parts.append(f)
+        seg_parts.append(s)
+        entries.append(entry)
+    files = pa.concat_tables(files_parts) if files_parts else schemas.FILES.empty_table()
+    segs = pa.concat_tables(seg_parts) if seg_parts else schemas.SEGMENTS.empty_table()
     return files, segs, entries
+
+
+def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, chash: str,
+                 now: Any) -> tuple[pa.Table, pa.Table, cm.CommittedFile]:
+    info = d.info
+    status, etype, emsg = file_status(d)
+    files = schemas.conform(pa.Table.from_pylist([{
+        "file_id": info.file_id, "uri": ref.uri, "size_bytes": ref.size_bytes, "etag": ref.etag,
+        "mtime": ref.mtime, "status": status, "error_type": etype, "error_message": emsg,
+        "container": info.container, "codec": info.codec, "sample_rate_in": info.sample_rate_in,
+        "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
+        "run_id": run_id, "model_id": model_id, "config_hash": chash,
+        "pipeline_version": pipelines.__version__, "processed_at": now,
+    }], schema=schemas.FILES), schemas.FILES)
+    segs = schemas.conform(pa.Table.from_pylist(
+        [{**s, "run_id": run_id, "model_id": model_id, "label": segment_label(s["task"], s["text"])}
+         for s in d.segments], schema=schemas.SEGMENTS), schemas.SEGMENTS)
+    schemas.check_values("files", files)
+    schemas.check_values("segments", segs)
+    entry = cm.CommittedFile(file_id=info.file_id, uri=ref.uri, version=ref.version, config_hash=chash,
+                             status=status, error_type=etype, run_id=run_id, seq=0)
+    return files, segs, entry
 
 
 def error_file(ref: FileRef, error_type: str, message: str) -> CompleteFile:
@@ -266,16 +241,16 @@ class CommitBuffer:
         self.committer, self.refs, self.progress = committer, refs, progress
         self.run_id, self.model_id, self.chash = run_id, model_id, chash
         self.flush_files, self.flush_seconds = flush_files, flush_seconds
-        self.buffer: list[CompleteFile] = []
+        self.buffer: dict[str, CompleteFile] = {}   # file_id -> the file, in completion order
         self.last_flush = time.monotonic()
         self.committed_ids: set[str] = set()
         self.commit_s = 0.0   # driver time spent writing parts and commit records
 
     def add(self, done: Sequence[CompleteFile]) -> None:
         for d in done:
-            if d.info.file_id in self.committed_ids:
-                continue  # delivered again by a retried task after its file was committed
-            self.buffer.append(d)
+            if d.info.file_id in self.committed_ids or d.info.file_id in self.buffer:
+                continue  # delivered again by a retried task
+            self.buffer[d.info.file_id] = d
         if len(self.buffer) >= self.flush_files or (
             self.buffer and time.monotonic() - self.last_flush >= self.flush_seconds
         ):
@@ -286,13 +261,18 @@ class CommitBuffer:
         if not self.buffer:
             return
         t0 = time.monotonic()
-        files, segs, entries = build_tables(self.buffer, self.refs, run_id=self.run_id,
+        files, segs, entries = build_tables(list(self.buffer.values()), self.refs, run_id=self.run_id,
                                             model_id=self.model_id, chash=self.chash)
         self.committer.commit(files, segs, entries)
         self.commit_s += time.monotonic() - t0
-        self.committed_ids.update(d.info.file_id for d in self.buffer)
+        self.committed_ids.update(self.buffer)
         self.progress.add(files)
-        self.buffer = []
+        self.buffer = {}
+
+    def add_failed(self, failed: Sequence[FailedFile]) -> None:
+        """Files whose result rows the driver could not use: a ``pipeline_error`` row each."""
+        self.add([error_file(self.refs[f.file_id], PIPELINE_ERROR, f.reason) for f in failed
+                  if f.file_id in self.refs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +332,7 @@ def start_ledger() -> RayAttemptLedger:
     return RayAttemptLedger(AttemptCounter.remote())
 
 
+MIN_OBJECT_STORE_BUDGET = 64 * 2**20   # bytes; below this Ray Data's own blocks would throttle it
 GPU_BATCH_SIZE = 32   # windows per inference batch on a GPU actor (x tasks rows per generate)
 CPU_BATCH_SIZE = 8
 
@@ -418,19 +399,33 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     ctx.enable_progress_bars = bool(cfg.progress and sys.stderr.isatty())
     plan = plan_resources(cfg)
     batch_size = 1 if isolate else plan.batch_size
-    log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d",
-             len(refs), plan.decode_actors, plan.infer_actors, plan.gpus_per_infer_actor, batch_size)
+    # Backpressure: decoding may run only a few inference batches ahead. Without a bound Ray Data
+    # lets an operator fill its share of the object store (a 30% of RAM default): a decode actor
+    # ran ~1,000 windows (1.9 GB) ahead of a CPU inference actor on one long file. The bound is
+    # object-store bytes, so it is sized from the windows the inference actors can use next.
+    ahead = cfg.prefetch_batches * batch_size * plan.infer_actors
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=max(MIN_OBJECT_STORE_BUDGET, 2 * ahead * cfg.decode.window_samples * 4))
+    log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d, "
+             "decode at most ~%d windows ahead", len(refs), plan.decode_actors, plan.infer_actors,
+             plan.gpus_per_infer_actor, batch_size, ahead)
 
     ledger = start_ledger()
     # The pipeline's own switches (the test fault hook) reach the workers of this run only.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("SALMONN_PIPELINE_")}
     stage_env = {"env_vars": env_vars} if env_vars else None
-    ds = ray.data.from_items([ref_to_row(r) for r in refs], override_num_blocks=max(1, min(len(refs), 10_000)))
+    # One input block per file (up to 10,000 blocks), typed from the start (schemas.stage).
+    refs_tbl = refs_table(refs)
+    per_block = -(-len(refs) // 10_000)
+    ds = ray.data.from_arrow([refs_tbl.slice(i, per_block) for i in range(0, len(refs), per_block)])
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={"options": cfg.decode, "storage_options": dict(cfg.storage_options),
+                               "windows_per_batch": cfg.windows_per_batch,
                                "ledger": ledger, "max_attempts": cfg.crash_attempts},
         batch_size=1,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),
         num_cpus=1,
         runtime_env=stage_env,
@@ -440,14 +435,18 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
                                "ledger": ledger, "max_attempts": cfg.crash_attempts},
         batch_size=batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
         compute=ActorPoolStrategy(size=plan.infer_actors),
         num_gpus=plan.gpus_per_infer_actor,
         num_cpus=plan.cpus_per_infer_actor,
         runtime_env=stage_env,
     )
     assembler = ResultAssembler([t.name for t in tasks])
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        buffer.add(assembler.add(batch))
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done, failed = assembler.add(batch)
+        buffer.add(done)
+        buffer.add_failed(failed)
         buffer.progress.tick()
     buffer.flush()
     try:
@@ -459,8 +458,34 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     return missing, stats, plan
 
 
+class RunFailed(RuntimeError):
+    """The run itself could not complete; its run record says ``failed`` with ``message``."""
+
+    def __init__(self, run_id: str, message: str):
+        super().__init__(f"run {run_id} failed: {message}")
+        self.run_id = run_id
+        self.message = message
+
+
+def one_line(e: BaseException) -> str:
+    """``ExceptionType: first line of the message`` (at most 500 characters)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:500] if first else type(e).__name__
+
+
+def _try(fn: Any, *args: Any) -> None:
+    """Best-effort bookkeeping while a run is already failing: log, never raise."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        log.error("could not record the run's state (%s)", one_line(e))
+
+
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
-    """Run (or resume) the pipeline described by ``cfg``; returns the run's summary."""
+    """Run (or resume) the pipeline described by ``cfg``; returns the run's summary.
+
+    Bad input never raises (it becomes error rows). A failure of the run itself raises
+    :class:`RunFailed` after writing ``failed`` and the one-line reason into the run record."""
     t0 = time.monotonic()
     tasks = resolve_tasks(cfg.tasks)
     names = [t.name for t in tasks]
@@ -496,6 +521,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
     stats_text: list[str] = []
     status = cm.RUN_FAILED
+    error: str | None = None
     ray_init_s = 0.0
     resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
     try:
@@ -514,7 +540,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                                 len(missing), pass_no + 1)
                     pending = [by_id[m] for m in missing]
                 else:
-                    buffer.add([error_file(by_id[m], "pipeline_error",
+                    buffer.add([error_file(by_id[m], PIPELINE_ERROR,
                                            "no result came back for this file in any pass (see the Ray "
                                            "Data logs of this run for the failing task)")
                                 for m in missing])
@@ -523,6 +549,15 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except Exception as e:
+        # A failure of the run itself (output not writable, cluster gone, a bug): the run record
+        # says so in one line, the traceback goes next to it, and the caller gets RunFailed.
+        status = cm.RUN_FAILED
+        error = one_line(e)
+        log.debug("run %s failed", run_id, exc_info=True)
+        _try(store.write_bytes, store.path(cm.RUNS_DIR, run_id, "error.txt"),
+             "".join(traceback.format_exception(e)).encode())
+        raise RunFailed(run_id, error) from e
     finally:
         wall = time.monotonic() - t0
         progress.tick(force=True)
@@ -534,11 +569,12 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         }
         counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
                   "ray_init_s": round(ray_init_s, 3)}
-        store.write_run(_run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
-                                    finished_at=cm.utcnow().isoformat(), counts=counts, resources=resources,
-                                    n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
+        _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
+                                          finished_at=cm.utcnow().isoformat(), counts=counts,
+                                          resources=resources, error=error,
+                                          n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
         if stats_text and any(stats_text):
-            store.write_bytes(store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
-                               "\n\n".join(stats_text).encode())
+            _try(store.write_bytes, store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
+                 "\n\n".join(stats_text).encode())
     return RunSummary(run_id=run_id, out=cfg.out, resumed=resumed_rec is not None,
                       n_commits=committer.n_commits, status=status, **totals)
