@@ -15,6 +15,8 @@ import logging
 import sys
 from typing import Any
 
+from salmonn import weights
+
 log = logging.getLogger(__name__)
 
 
@@ -128,8 +130,6 @@ def _parts(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from pipelines import weights
-
     try:
         res = weights.fetch(args.preset, args.to, hub=weights.HfHub(endpoint=args.endpoint), parts=_parts(args))
     except weights.WeightsError as e:
@@ -143,8 +143,6 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
-    from pipelines import weights
-
     if args.online and args.offline:
         raise SystemExit("--online and --offline exclude each other")
     mode = "online" if args.online else "offline" if args.offline else "auto"
@@ -161,8 +159,6 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_convert(args: argparse.Namespace) -> int:
-    from pipelines import weights
-
     try:
         dst, n = weights.convert(args.src, args.dst, check=not args.no_check)
     except weights.WeightsError as e:

@@ -55,7 +55,6 @@ LEFTOVER_KEYS = (
 OPTIONAL_KEYS = frozenset({"speech_Qformer.bert.embeddings.position_ids"})
 
 WEIGHTS_DIR_ENV = "SALMONN_WEIGHTS_DIR"
-PARTS_FILE = "salmonn_parts.json"  # names the part files of a parts directory
 BEATS_CFG_METADATA = "beats_cfg"  # safetensors metadata key holding the BEATs cfg as JSON
 
 
@@ -486,55 +485,7 @@ def count_parameters(config: SalmonnConfig) -> dict[str, int]:
     return counts
 
 
-# --- one entry point for callers (pipelines) ------------------------------------------------------
-def load_model(
-    model: str = "tiny",
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides,
-) -> Salmonn:
-    """A ready model from a preset name ("tiny", "salmonn-13b", "salmonn-7b") or a parts directory.
-
-    `overrides` are SalmonnConfig fields (numerics, weights_dir, checkpoint_path, ...).
-    """
-    if model == "tiny":
-        from .tiny import build_tiny
-
-        return build_tiny(config=SalmonnConfig.from_name("tiny", **overrides), device=device or "cpu", dtype=dtype)
-    if Path(model).is_dir():
-        config = dataclasses.replace(config_from_parts_dir(model), **overrides)
-    else:
-        config = SalmonnConfig.from_name(model, **overrides)
-    return build_salmonn(config, device=device, dtype=dtype)
-
-
-def model_id_for(model: str) -> str:
-    """The model_id that `load_model(model)` will report, without loading anything."""
-    if Path(model).is_dir() and (Path(model) / PARTS_FILE).is_file():
-        return config_from_parts_dir(model).model_id
-    return SalmonnConfig.from_name(model).model_id
-
-
-# --- parts directories and conversion -------------------------------------------------------------
-def config_from_parts_dir(directory: str | Path, base: SalmonnConfig | None = None) -> SalmonnConfig:
-    """A config for a directory of parts described by its salmonn_parts.json."""
-    directory = Path(directory)
-    spec_file = directory / PARTS_FILE
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file} not found: not a SALMONN parts directory")
-    spec = json.loads(spec_file.read_text())
-    base = base or SalmonnConfig.from_name(spec.get("preset", "salmonn-13b"))
-    return dataclasses.replace(
-        base,
-        model_id=spec.get("model_id", base.model_id),
-        whisper_path=str(directory / spec["whisper"]),
-        beats_path=str(directory / spec["beats"]),
-        llm_path=str(directory / spec["llm"]),
-        checkpoint_path=str(directory / spec["checkpoint"]),
-    )
-
-
+# --- conversion -------------------------------------------------------------------------------
 def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, *, trust_pickle: bool = False) -> Path:
     """Convert an official pickle (SALMONN .pth, BEATs .pt) to .safetensors.
 

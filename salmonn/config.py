@@ -11,9 +11,12 @@ This module imports no torch: configs can be built and inspected anywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +302,8 @@ _OFFICIAL_BEATS = BeatsConfig(
     finetuned_model=True,
     predictor_class=527,
 )
-BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"  # the official BEATs checkpoint
+PARTS_FILE = "salmonn_parts.json"  # in a parts directory: names its part files (see config_from_parts_dir)
 
 _PRESETS: dict[str, SalmonnConfig] = {
     "salmonn-13b": SalmonnConfig(
@@ -343,3 +347,25 @@ _PRESETS: dict[str, SalmonnConfig] = {
 }
 
 PRESETS = tuple(_PRESETS)
+
+
+def config_from_parts_dir(directory: str | Path, base: SalmonnConfig | None = None) -> SalmonnConfig:
+    """A config for a directory of parts described by its salmonn_parts.json.
+
+    The spec names the parts relative to the directory: ``{"preset": ..., "model_id": ...,
+    "whisper": DIR, "beats": FILE, "llm": DIR, "checkpoint": FILE}``; the preset gives the defaults.
+    """
+    directory = Path(directory)
+    spec_file = directory / PARTS_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{spec_file} not found: not a SALMONN parts directory")
+    spec = json.loads(spec_file.read_text())
+    base = base or SalmonnConfig.from_name(spec.get("preset", "salmonn-13b"))
+    return dataclasses.replace(
+        base,
+        model_id=spec.get("model_id", base.model_id),
+        whisper_path=str(directory / spec["whisper"]),
+        beats_path=str(directory / spec["beats"]),
+        llm_path=str(directory / spec["llm"]),
+        checkpoint_path=str(directory / spec["checkpoint"]),
+    )

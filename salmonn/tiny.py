@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .beats import Beats
-from .config import SalmonnConfig
+from .checkpoint import clean_generation_config, load_tokenizer, official_state_dict, wrap_lora
+from .config import PARTS_FILE, SalmonnConfig, config_from_parts_dir
 from .model import Salmonn, lora_layers, place, resolve_precision
 from .prompts import OFFICIAL_PROMPTS, TEMPLATE
 
@@ -117,8 +118,6 @@ def build_tiny(
     from transformers import LlamaForCausalLM
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from .checkpoint import clean_generation_config, load_tokenizer, wrap_lora
-
     config = config or SalmonnConfig.from_name("tiny")
     tokenizer = load_tokenizer(tiny_tokenizer_dir())
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, vocab_size=len(tokenizer)))
@@ -172,8 +171,6 @@ def write_tiny_parts(directory: str | os.PathLike, seed: int = 0) -> SalmonnConf
         salmonn_parts.json
     """
     from transformers import GenerationConfig, LlamaForCausalLM, WhisperModel
-
-    from .checkpoint import PARTS_FILE, config_from_parts_dir, official_state_dict
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """`salmonn-pipeline weights fetch|verify|convert`: the model's part files on disk.
 
-A preset (``salmonn-13b``, ``salmonn-7b``) names four parts (``salmonn.config``): the Whisper
+A preset (``salmonn-13b``, ``salmonn-7b``) names four parts (:mod:`salmonn.config`): the Whisper
 and LLM directories (hub repos) and two files, BEATs' ``.pt`` and SALMONN's ``.pth``. ``fetch``
 downloads them into one directory laid out as a parts directory (``salmonn_parts.json``; usable as
 ``--model DIR`` or as ``$SALMONN_WEIGHTS_DIR``)::
@@ -36,14 +36,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config import BEATS_FILE, PARTS_FILE, SalmonnConfig
+
 log = logging.getLogger(__name__)
+
+__all__ = ["BEATS_FILE", "PARTS_FILE"]  # re-exported: the names of the files fetch writes
 
 PARTS = ("whisper", "beats", "llm", "checkpoint")
 MANIFEST = "salmonn_weights.json"
-PARTS_FILE = "salmonn_parts.json"   # = salmonn.checkpoint.PARTS_FILE
 
-BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
-# Official sizes in bytes (SALMONN_FACTS.md): a file of another size is not the official file.
+# Official sizes in bytes (the files published by the SALMONN and BEATs authors): a file of
+# another size is not the official file.
 KNOWN_SIZES: dict[str, int] = {
     "salmonn_v1.pth": 400_466_533,
     BEATS_FILE: 363_145_291,
@@ -100,8 +103,6 @@ class Part:
 
 def parts_for(preset: str) -> list[Part]:
     """The hub sources of a preset's four parts (names from ``salmonn.config``)."""
-    from salmonn.config import SalmonnConfig
-
     if preset == "tiny":
         raise WeightsError("the 'tiny' preset has random weights built in code: there is nothing to fetch")
     try:
@@ -125,9 +126,7 @@ def parts_for(preset: str) -> list[Part]:
 
 
 def parts_spec(preset: str, parts: Sequence[Part]) -> dict[str, str]:
-    """The salmonn_parts.json of a fetched directory (read by salmonn.checkpoint.config_from_parts_dir)."""
-    from salmonn.config import SalmonnConfig
-
+    """The salmonn_parts.json of a fetched directory (read by salmonn.config.config_from_parts_dir)."""
     spec = {"preset": preset, "model_id": SalmonnConfig.from_name(preset).model_id}
     spec.update({p.name: p.local for p in parts})
     return spec
@@ -577,10 +576,8 @@ def convert(src: str | Path, dst: str | Path | None = None, *, check: bool = Tru
     dst = Path(dst) if dst else src.with_suffix(".safetensors")
     if dst.resolve() == src.resolve():
         raise WeightsError(f"{dst}: the destination is the source")
-    try:
-        from salmonn.checkpoint import convert_to_safetensors
-    except ImportError:  # the model package not available: same conversion, locally
-        convert_to_safetensors = _convert_to_safetensors
+    from .checkpoint import convert_to_safetensors  # imports torch: only when converting
+
     convert_to_safetensors(src, dst)
     n = _check_same(src, dst) if check else -1
     return dst, n
@@ -595,16 +592,6 @@ def _load_pickle_tensors(src: Path) -> dict[str, Any]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{src}: expected a state dict or a dict with a 'model' state dict")
     return dict(obj)
-
-
-def _convert_to_safetensors(src: Path, dst: Path) -> Path:
-    from safetensors.torch import save_file
-
-    state = _load_pickle_tensors(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(dst),
-              metadata={"format": "pt", "source": src.name})
-    return dst
 
 
 def _check_same(src: Path, dst: Path) -> int:

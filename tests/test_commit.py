@@ -121,7 +121,7 @@ def test_model_and_stages_import_no_ray():
                "pipelines.sources", "pipelines.decode", "pipelines.synth", "pipelines.infer",
                "pipelines.stages", "pipelines.commit", "pipelines.status", "pipelines.storage",
                "pipelines.labels", "pipelines.export", "pipelines.plan", "pipelines.report",
-               "pipelines.weights", "pipelines.cli", "pipelines.run"]
+               "salmonn.weights", "pipelines.cli", "pipelines.run"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "from pipelines.infer import SalmonnPredictor\n"

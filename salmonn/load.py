@@ -1,0 +1,47 @@
+"""One entry point for callers: a ready model from a preset name or a directory of parts.
+
+Imports both builders (``checkpoint`` for real parts, ``tiny`` for the random test model), which
+import neither this module nor each other's callers, so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import build_salmonn
+from .config import PARTS_FILE, SalmonnConfig, config_from_parts_dir
+from .model import Salmonn
+from .tiny import build_tiny
+
+__all__ = ["config_from_parts_dir", "load_model", "model_id_for"]
+
+
+def load_model(
+    model: str = "tiny",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> Salmonn:
+    """A ready model from a preset name ("tiny", "salmonn-13b", "salmonn-7b") or a parts directory.
+
+    `overrides` are SalmonnConfig fields (numerics, weights_dir, checkpoint_path, ...).
+    """
+    if model == "tiny":
+        return build_tiny(config=SalmonnConfig.from_name("tiny", **overrides), device=device or "cpu", dtype=dtype)
+    if Path(model).is_dir():
+        config = dataclasses.replace(config_from_parts_dir(model), **overrides)
+    else:
+        config = SalmonnConfig.from_name(model, **overrides)
+    return build_salmonn(config, device=device, dtype=dtype)
+
+
+def model_id_for(model: str) -> str:
+    """The model_id that `load_model(model)` will report, without loading anything."""
+    if Path(model).is_dir() and (Path(model) / PARTS_FILE).is_file():
+        return config_from_parts_dir(model).model_id
+    return SalmonnConfig.from_name(model).model_id
