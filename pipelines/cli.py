@@ -24,6 +24,7 @@ from pipelines.config import (
     MODEL_OPTIONS,
     ConfigError,
     PipelineConfig,
+    check_inputs,
     check_output,
     check_setting,
     decode_options,
@@ -179,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import RunFailed, one_line, run_pipeline
 
     cfg = config_from_args(args)
-    check_output(cfg)   # --out is not a file, --resume names a run: before Ray starts
+    check_inputs(cfg)   # the inputs exist, --out is not a file, --resume names a run: before Ray
+    check_output(cfg)
     if cfg.model == "tiny":
         print(TINY_WARNING, file=sys.stderr)
     try:

@@ -271,3 +271,16 @@ def check_output(cfg: PipelineConfig, out_storage_options: Mapping[str, Any] | N
         record = posixpath.join(root.rstrip("/"), RUNS_DIR, cfg.resume_run_id, RUN_RECORD)
         if not fs.isfile(record):
             raise ConfigError(f"--resume {cfg.resume_run_id}: no such run under {cfg.out}")
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Each input location exists (a glob may match nothing: that is an empty run, not an error)."""
+    inputs = (cfg.input,) if isinstance(cfg.input, str) else cfg.input
+    for uri in inputs:
+        try:
+            fs, path = url_to_fs(uri, **dict(cfg.storage_options))
+        except (ValueError, ImportError, TypeError) as e:
+            raise ConfigError(f"input {uri}: {_one_line(e)}") from e
+        if any(c in path for c in "*?[") or fs.exists(path):
+            continue
+        raise ConfigError(f"input not found: {uri}")
