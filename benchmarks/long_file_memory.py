@@ -62,7 +62,7 @@ def child(path: str, via: str) -> None:
 
     from pipelines.decode import DecodeOptions, FileInfo, decode_file
     from pipelines.sources import list_inputs
-    from pipelines.stages import DecodeStage, ref_to_row
+    from pipelines.stages import DecodeStage, refs_table
 
     def rss_mb() -> float:
         with open("/proc/self/statm") as f:
@@ -75,13 +75,11 @@ def child(path: str, via: str) -> None:
     n_windows, info = 0, None
     if via == "stage":   # what a decode actor runs: batches of window rows (samples as bytes)
         stage = DecodeStage(DecodeOptions())
-        batch = {k: np.array([v], dtype=object) for k, v in ref_to_row(ref).items()}
-        for out in stage(batch):
-            for kind, text in zip(out["kind"], out["file_info"]):
-                if text is not None:
-                    info = json.loads(text)
-                else:
-                    n_windows += 1
+        for out in stage(refs_table([ref])):
+            for kind, file_info in zip(out["kind"].to_pylist(), out["file_info"].to_pylist()):
+                n_windows += kind == "window"
+                if file_info is not None:
+                    info = file_info
     else:
         for item in decode_file(ref, DecodeOptions()):
             if isinstance(item, FileInfo):

@@ -74,13 +74,15 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
 
     from pipelines.infer import SalmonnPredictor
     from pipelines.run import plan_resources
-    from pipelines.stages import DecodeStage, ref_to_row
+    from pipelines.stages import DecodeStage, refs_table
 
     DataContext.get_current().enable_progress_bars = False
     plan = plan_resources(cfg)
     t0 = time.perf_counter()
-    ds = ray.data.from_items([ref_to_row(r) for r in refs], override_num_blocks=max(1, len(refs)))
+    table = refs_table(refs)
+    ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
     ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"options": cfg.decode}, batch_size=1,
+                        batch_format="pyarrow", zero_copy_batch=True,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors), num_cpus=1)
     decoded = ds.materialize()
     decode_s = time.perf_counter() - t0
@@ -88,9 +90,10 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
 
     t0 = time.perf_counter()
     ds = decoded.map_batches(SalmonnPredictor, fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks)},
-                             batch_size=plan.batch_size, compute=ActorPoolStrategy(size=plan.infer_actors),
+                             batch_size=plan.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                             compute=ActorPoolStrategy(size=plan.infer_actors),
                              num_gpus=plan.gpus_per_infer_actor, num_cpus=plan.cpus_per_infer_actor)
-    results = sum(len(b["kind"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    results = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     infer_s = time.perf_counter() - t0
     return {"decode_s": decode_s, "infer_s": infer_s, "decode_rows": n_rows, "result_rows": results,
             "pool": f"{plan.decode_actors} decode actor(s), {plan.infer_actors} inference actor(s) x "
@@ -99,21 +102,15 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
 
 def alone_local(refs, tasks, cfg) -> dict[str, float]:
     """Both stages in this process, one after the other (torch on one thread, as in an actor)."""
-    import numpy as np
     import torch
 
-    from pipelines.batching import rows_to_columns
     from pipelines.infer import SalmonnPredictor
-    from pipelines.stages import DecodeStage, ref_to_row
+    from pipelines.stages import DecodeStage
     from schemas import stage as cols
 
     stage = DecodeStage(cfg.decode)
     t0 = time.perf_counter()
-    rows = []
-    for ref in refs:
-        batch = {k: np.array([v], dtype=object) for k, v in ref_to_row(ref).items()}
-        for out in stage(batch):
-            rows.extend({k: out[k][i] for k in out} for i in range(len(out["kind"])))
+    rows = [row for ref in refs for row in stage.file_rows(ref)]
     decode_s = time.perf_counter() - t0
 
     threads = torch.get_num_threads()
@@ -126,7 +123,7 @@ def alone_local(refs, tasks, cfg) -> dict[str, float]:
         results = 0
         for i in range(0, len(rows), cfg.batch_size):
             chunk = rows[i:i + cfg.batch_size]
-            results += len(predictor(rows_to_columns(chunk, cols.WINDOW_COLUMNS))["kind"])
+            results += predictor(cols.build(chunk, cols.WINDOWS, "benchmark")).num_rows
         infer_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

@@ -1,14 +1,13 @@
-"""Helpers shared by the Ray-free stage adapters: batch layout and the attempt ledger protocol."""
+"""Shared by the Ray-free stage adapters: the attempt ledger protocol and its error type."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Protocol
 
 # error_type of work that killed its worker process on every attempt
 WORKER_CRASH = "worker_crash"
+# error_type of a window whose inference raised on every try (retried, then isolated)
+INFERENCE_ERROR = "inference_error"
 
 
 class AttemptLedger(Protocol):
@@ -21,13 +20,3 @@ class AttemptLedger(Protocol):
     def begin(self, key: str) -> int: ...
 
     def end(self, key: str) -> None: ...
-
-
-def rows_to_columns(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """list of row dicts -> dict of object arrays (Ray's numpy batch format), fixed column set."""
-    out: dict[str, np.ndarray] = {}
-    for name in names:
-        arr = np.empty(len(rows), dtype=object)
-        arr[:] = [r.get(name) for r in rows]
-        out[name] = arr
-    return out

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines import faults
-from pipelines.batching import WORKER_CRASH, AttemptLedger, rows_to_columns
-from schemas import stage as cols
+from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH, AttemptLedger
+from schemas import stage as st
 
 log = logging.getLogger(__name__)
-
 
 @dataclasses.dataclass(frozen=True)
 class WindowIn:
@@ -37,37 +37,32 @@ class WindowIn:
     segment_index: int
     start_s: float
     end_s: float
-    samples: np.ndarray  # (N,) float32, 16 kHz mono
-    file_info: str | None = None  # the file's FileInfo (JSON) when this is its last window
+    samples: np.ndarray                          # (N,) float32, 16 kHz mono
+    is_silent: bool = False
+    speech_ratio: float | None = None
+    file_info: dict[str, Any] | None = None      # the file's FileInfo when this is its last window
 
 
-def _result_row(**kw: Any) -> dict[str, Any]:
-    row = dict.fromkeys(cols.RESULT_COLUMNS)
-    row.update(kw)
-    return row
-
-
-def windows_from_batch(batch: dict[str, np.ndarray]) -> tuple[list[WindowIn], list[int]]:
-    """The window rows of a decode batch, and the indices of its pass-through (file) rows."""
-    windows, passthrough = [], []
-    for i, kind in enumerate(batch["kind"]):
-        if kind != cols.KIND_WINDOW:
-            passthrough.append(i)
+def windows_from_batch(batch: pa.Table) -> tuple[list[WindowIn], list[dict[str, Any]]]:
+    """A checked ``WINDOWS`` batch -> its windows (samples read without a copy) and its file rows."""
+    windows, files = [], []
+    samples = batch.column("samples")
+    for i, row in enumerate(batch.drop_columns(["samples"]).to_pylist()):
+        if row["kind"] != st.KIND_WINDOW:
+            files.append(row)
             continue
+        cell = samples[i]
         windows.append(WindowIn(
-            file_id=str(batch["file_id"][i]),
-            uri=str(batch["uri"][i]),
-            segment_index=int(batch["segment_index"][i]),
-            start_s=float(batch["start_s"][i]),
-            end_s=float(batch["end_s"][i]),
-            samples=np.frombuffer(batch["samples"][i], dtype="<f4"),
-            file_info=batch["file_info"][i],
+            file_id=row["file_id"], uri=row["uri"], segment_index=row["segment_index"],
+            start_s=row["start_s"], end_s=row["end_s"],
+            samples=np.frombuffer(cell.as_buffer(), dtype="<f4") if cell.is_valid else np.zeros(0, np.float32),
+            is_silent=bool(row["is_silent"]), speech_ratio=row["speech_ratio"], file_info=row["file_info"],
         ))
-    return windows, passthrough
+    return windows, files
 
 
 class SalmonnPredictor:
-    """Callable: decode-stage batch (dict of arrays) -> result batch (dict of arrays)."""
+    """Callable: ``WINDOWS`` batch (decode stage) -> ``RESULTS`` batch (to the driver)."""
 
     def __init__(self, model: str = "tiny", tasks: Sequence[Any] | None = None, *,
                  device: str | None = None, model_options: dict[str, Any] | None = None,
@@ -91,16 +86,13 @@ class SalmonnPredictor:
                  self.model_id, device, [t.name for t in self.tasks])
 
     # -- Ray Data batch interface ---------------------------------------------------------------
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        windows, passthrough = windows_from_batch(batch)
-        rows = [
-            _result_row(kind=batch["kind"][i], file_id=batch["file_id"][i], uri=batch["uri"][i],
-                        file_info=batch["file_info"][i])
-            for i in passthrough
-        ]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        windows, files = windows_from_batch(st.check(batch, st.WINDOWS, "infer input"))
+        rows = [{"kind": f["kind"], "file_id": f["file_id"], "uri": f["uri"], "file_info": f["file_info"]}
+                for f in files]
         if windows:
             rows.extend(self._guarded(windows))
-        return rows_to_columns(rows, cols.RESULT_COLUMNS)
+        return st.build(rows, st.RESULTS, "infer")
 
     def _guarded(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         """``predict`` under the attempt ledger: a batch that killed the worker ``max_attempts``
@@ -118,8 +110,8 @@ class SalmonnPredictor:
             for w in windows:
                 wkey = f"infer-window:{w.file_id}/{w.segment_index}"
                 if self.ledger.begin(wkey) > 1:
-                    rows.append(self._error_row(w, f"{WORKER_CRASH}: the inference worker process died on "
-                                                   f"this window on every attempt"))
+                    rows.append(self._error_row(w, "the inference worker process died on this window "
+                                                   "on every attempt", WORKER_CRASH))
                 else:
                     rows.extend(self.predict([w]))
                 self.ledger.end(wkey)
@@ -160,13 +152,14 @@ class SalmonnPredictor:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _error_row(self, w: WindowIn, err: BaseException | str) -> dict[str, Any]:
-        """A window that failed for good; ``error`` is "TYPE: message"."""
+    def _error_row(self, w: WindowIn, err: BaseException | str, error_type: str = INFERENCE_ERROR) -> dict[str, Any]:
+        """A window that failed for good; ``error`` is "ExceptionType: message"."""
         text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-        log.error("window %d of %s failed inference: %s", w.segment_index, w.uri, text)
-        return _result_row(kind=cols.KIND_WINDOW_ERROR, file_id=w.file_id, uri=w.uri,
-                           segment_index=w.segment_index, start_s=w.start_s, end_s=w.end_s,
-                           error=text[:2000], file_info=w.file_info)
+        log.error("window %d of %s failed inference (%s): %s", w.segment_index, w.uri, error_type, text)
+        return {"kind": st.KIND_WINDOW_ERROR, "file_id": w.file_id, "uri": w.uri,
+                "segment_index": w.segment_index, "start_s": w.start_s, "end_s": w.end_s,
+                "speech_ratio": w.speech_ratio, "error_type": error_type, "error": text[:2000],
+                "file_info": w.file_info}
 
     def _run(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         """All windows, at most ``max_windows`` at a time; out of memory halves that limit."""
@@ -207,11 +200,12 @@ class SalmonnPredictor:
         rows = []
         for t, task in enumerate(self.tasks):
             for w, g in zip(windows, generations[task.name]):
-                rows.append(_result_row(
-                    kind=cols.KIND_SEGMENT, file_id=w.file_id, uri=w.uri, segment_index=w.segment_index,
-                    start_s=w.start_s, end_s=w.end_s, task=task.name, prompt=task.prompt, text=g.text,
-                    lora_scale=float(task.settings.lora_scale), num_beams=int(task.settings.num_beams),
-                    n_output_tokens=int(g.n_tokens), finish_reason=g.finish_reason,
-                    file_info=w.file_info if t == 0 else None,  # passed on once per window
-                ))
+                rows.append({
+                    "kind": st.KIND_SEGMENT, "file_id": w.file_id, "uri": w.uri, "segment_index": w.segment_index,
+                    "start_s": w.start_s, "end_s": w.end_s, "task": task.name, "prompt": task.prompt,
+                    "text": g.text, "lora_scale": float(task.settings.lora_scale),
+                    "num_beams": int(task.settings.num_beams), "n_output_tokens": int(g.n_tokens),
+                    "finish_reason": g.finish_reason, "speech_ratio": w.speech_ratio,
+                    "file_info": w.file_info if t == 0 else None,  # passed on once per window
+                })
         return rows

@@ -1,22 +1,161 @@
-"""Column names of the batches that cross Ray Data stage boundaries.
+"""Typed batches that cross Ray Data stage boundaries: the only place their columns are defined.
 
-These are internal (not written to Parquet) but, like the output tables, defined only here.
-Audio travels as raw little-endian float32 bytes so that a window is one binary cell.
+    driver --FILE_REFS--> decode (CPU actors) --WINDOWS--> SALMONN (GPU actors) --RESULTS--> driver
+
+Each stage builds its output with :func:`build` (rows -> ``pyarrow.Table`` of exactly the schema)
+and checks its input with :func:`check`. Ray Data then moves Arrow tables whose types never
+depend on the values of one block: with untyped object arrays, a column that happens to be all
+null in one block (``file_info`` rides only on a file's last window, so the blocks of a long file
+have none) was inferred as float in some blocks and string in others, and the run died far from
+the cause. A batch that does not match is a bug, reported at the boundary with the column's name
+(:class:`StageSchemaError`).
+
+Audio travels as raw little-endian float32 bytes: one window (<= 30 s at 16 kHz, <= 1.92 MB) is
+one ``binary`` cell, read back without a copy (``np.frombuffer``).
+
+These batches are internal (never written to Parquet); the output tables are in ``schemas``.
 """
 
-# kind column values
-KIND_WINDOW = "window"          # decode -> infer: one audio window
-KIND_FILE = "file"              # decode -> infer -> driver: the file's FileInfo, passed through
-KIND_SEGMENT = "segment"        # infer -> driver: one (window, task) result
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+# ``kind`` column values
+KIND_WINDOW = "window"              # decode -> infer: one audio window
+KIND_FILE = "file"                  # decode -> infer -> driver: a file without windows (its FileInfo)
+KIND_SEGMENT = "segment"            # infer -> driver: one (window, task) result
 KIND_WINDOW_ERROR = "window_error"  # infer -> driver: a window that failed inference for good
 
-# decode -> infer
-WINDOW_COLUMNS = (
-    "kind", "file_id", "uri", "segment_index", "start_s", "end_s", "samples", "is_silent", "file_info",
-)
+_TS = pa.timestamp("us", tz="UTC")
 
-# infer -> driver
-RESULT_COLUMNS = (
-    "kind", "file_id", "uri", "segment_index", "start_s", "end_s", "task", "prompt", "text",
-    "lora_scale", "num_beams", "n_output_tokens", "finish_reason", "file_info", "error",
-)
+# The decode stage's summary of one file (pipelines.decode.FileInfo, field for field). It rides on
+# the file's last window row, or on a file row of its own when the file has no window.
+FILE_INFO = pa.struct([
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("container", pa.string()),
+    pa.field("codec", pa.string()),
+    pa.field("sample_rate_in", pa.int32()),
+    pa.field("channels_in", pa.int32()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("n_segments", pa.int32(), nullable=False),
+])
+
+# driver -> decode: one row per input file (pipelines.sources.FileRef)
+FILE_REFS = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("etag", pa.string()),
+    pa.field("mtime", _TS),
+])
+
+# decode -> infer: window rows (kind "window") and file rows (kind "file", no audio)
+WINDOWS = pa.schema([
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("segment_index", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("samples", pa.binary()),          # (N,) float32 little-endian, 16 kHz mono
+    pa.field("is_silent", pa.bool_()),         # digital silence: no sample above one 16-bit LSB
+    pa.field("speech_ratio", pa.float32()),    # fraction of the window with speech; null: not measured
+    pa.field("file_info", FILE_INFO),
+])
+
+# infer -> driver: one row per (window, task), window errors, and file rows passed through
+RESULTS = pa.schema([
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("file_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("segment_index", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("task", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("lora_scale", pa.float32()),
+    pa.field("num_beams", pa.int32()),
+    pa.field("n_output_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("speech_ratio", pa.float32()),
+    pa.field("error_type", pa.string()),       # window_error rows: e.g. worker_crash, inference_error
+    pa.field("error", pa.string()),            # window_error rows: "ExceptionType: message"
+    pa.field("file_info", FILE_INFO),
+])
+
+# Arrow types Ray Data may hand back in place of ours when it concatenates blocks: same values.
+_EQUIVALENT = {
+    pa.large_string(): pa.string(),
+    pa.large_binary(): pa.binary(),
+}
+
+
+class StageSchemaError(TypeError):
+    """A stage batch does not match its schema: a bug in the stage that made it."""
+
+
+def build(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, stage: str) -> pa.Table:
+    """Rows (dicts; missing keys are null) -> a table of exactly ``schema``.
+
+    Raises :class:`StageSchemaError` naming the column for an unknown key, a value of the wrong
+    type or a null in a required column.
+    """
+    names = set(schema.names)
+    extra = {k for r in rows for k in r} - names
+    if extra:
+        raise StageSchemaError(f"{stage}: unknown column(s) {sorted(extra)}; the schema has {schema.names}")
+    arrays = []
+    for field in schema:
+        try:
+            arr = pa.array([r.get(field.name) for r in rows], type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+            raise StageSchemaError(f"{stage}: column {field.name!r} ({field.type}): {e}") from e
+        _check_nulls(field, arr, stage)
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def check(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
+    """Check a batch received from the previous stage; returns it with ``schema``'s column order.
+
+    The columns, their types and required (non-null) values must match ``schema``; Ray's
+    large_string/large_binary stand-ins are cast back. Raises :class:`StageSchemaError` naming
+    the first column that does not match.
+    """
+    have = table.column_names
+    missing = [n for n in schema.names if n not in have]
+    extra = [n for n in have if n not in schema.names]
+    if missing or extra:
+        raise StageSchemaError(f"{stage}: batch columns do not match the schema: missing {missing}, "
+                               f"unexpected {extra}")
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        if col.type != field.type:
+            if _EQUIVALENT.get(col.type) == field.type:
+                col = col.cast(field.type)
+            else:
+                raise StageSchemaError(f"{stage}: column {field.name!r} is {col.type}, the schema says "
+                                       f"{field.type}")
+        _check_nulls(field, col, stage)
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _check_nulls(field: pa.Field, arr: pa.Array | pa.ChunkedArray, stage: str) -> None:
+    if not field.nullable and arr.null_count:
+        raise StageSchemaError(f"{stage}: column {field.name!r} is required but has {arr.null_count} null(s)")
+
+
+def concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Concatenate batches of one schema (an empty input gives an empty table)."""
+    tables = list(tables)
+    return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -216,11 +216,10 @@ def test_encoders_run_once_per_window_for_five_tasks():
     rng = np.random.default_rng(0)
     rows = [DecodeStage.window_row(_window(i, rng.standard_normal(16000 * (i + 2)).astype(np.float32) * 0.1))
             for i in range(4)]
-    from pipelines.batching import rows_to_columns
     from schemas import stage as cols
 
-    out = pred(rows_to_columns(rows, cols.WINDOW_COLUMNS))
-    assert list(out["kind"]).count(cols.KIND_SEGMENT) == 4 * 5
+    out = pred(cols.build(rows, cols.WINDOWS, "test"))
+    assert out["kind"].to_pylist().count(cols.KIND_SEGMENT) == 4 * 5
     assert calls["whisper"] == 4 and calls["beats"] == 4
     assert pred.windows_encoded == 4
 
@@ -254,11 +253,10 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
 
     import salmonn
     from pipelines import faults
-    from pipelines.batching import rows_to_columns
+    from pipelines.decode import FileInfo
     from pipelines.infer import SalmonnPredictor
     from pipelines.run import file_status
-    from pipelines.stages import DecodeStage, ResultAssembler, info_to_json
-    from pipelines.decode import FileInfo
+    from pipelines.stages import DecodeStage, ResultAssembler, info_to_struct
     from schemas import stage as cols
 
     monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "uri_contains": "/x/2.wav", "raise": "CUDA error: boom"}]))
@@ -267,36 +265,37 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
     rng = np.random.default_rng(1)
     rows = [DecodeStage.window_row(_window(i, rng.standard_normal(16000 * 2).astype(np.float32) * 0.1))
             for i in range(5)]
-    out = pred(rows_to_columns(rows, cols.WINDOW_COLUMNS))
-    kinds = list(out["kind"])
+    out = pred(cols.build(rows, cols.WINDOWS, "test"))
+    kinds = out["kind"].to_pylist()
     assert kinds.count(cols.KIND_SEGMENT) == 4 * 3
     assert kinds.count(cols.KIND_WINDOW_ERROR) == 1
-    bad = kinds.index(cols.KIND_WINDOW_ERROR)
-    assert out["file_id"][bad] == "f2" and "CUDA error: boom" in out["error"][bad]
-    assert {out["file_id"][i] for i, k in enumerate(kinds) if k == cols.KIND_SEGMENT} == {"f0", "f1", "f3", "f4"}
+    bad = out.to_pylist()[kinds.index(cols.KIND_WINDOW_ERROR)]
+    assert bad["file_id"] == "f2" and "CUDA error: boom" in bad["error"] and bad["error_type"] == "inference_error"
+    assert {r["file_id"] for r in out.to_pylist() if r["kind"] == cols.KIND_SEGMENT} == {"f0", "f1", "f3", "f4"}
 
     # the driver side: the file of the bad window is an error row with the reason
     asm = ResultAssembler([t.name for t in tasks])
     info = FileInfo(file_id="f2", uri="/x/2.wav", status="ok", error_type=None, error_message=None,
                     container="wav", codec="pcm_s16le", sample_rate_in=16000, channels_in=1,
                     duration_s=2.0, n_segments=1)
-    file_batch = rows_to_columns([{"kind": cols.KIND_FILE, "file_id": "f2", "uri": "/x/2.wav",
-                                   "file_info": info_to_json(info)}], cols.RESULT_COLUMNS)
-    done = asm.add(out) + asm.add(file_batch)
+    file_batch = cols.build([{"kind": cols.KIND_FILE, "file_id": "f2", "uri": "/x/2.wav",
+                              "file_info": info_to_struct(info)}], cols.RESULTS, "test")
+    (done1, failed1), (done2, failed2) = asm.add(out), asm.add(file_batch)
+    assert not failed1 and not failed2
+    done = done1 + done2
     (complete,) = [d for d in done if d.info.file_id == "f2"]
     status, etype, message = file_status(complete)
     assert (status, etype) == ("error", "inference_error") and "boom" in message
 
 
 def _predictor_batch(n: int, seconds: float = 2.0):
-    from pipelines.batching import rows_to_columns
     from pipelines.stages import DecodeStage
     from schemas import stage as cols
 
     rng = np.random.default_rng(7)
     rows = [DecodeStage.window_row(_window(i, rng.standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1))
             for i in range(n)]
-    return rows_to_columns(rows, cols.WINDOW_COLUMNS)
+    return cols.build(rows, cols.WINDOWS, "test")
 
 
 def test_out_of_memory_halves_the_windows_run_at_once(monkeypatch, caplog):
@@ -326,8 +325,8 @@ def test_out_of_memory_halves_the_windows_run_at_once(monkeypatch, caplog):
     assert len(oom_logs) == 1 and "at most 3 at a time" in oom_logs[0].getMessage()
     assert not [r for r in caplog.records if "retrying once" in r.getMessage()]   # not a batch failure
     for out in (got, again):
-        assert list(out["kind"]) == [cols.KIND_SEGMENT] * 7 * 3
-        key = lambda o: sorted(zip(o["task"], o["file_id"], o["text"], o["n_output_tokens"]))  # noqa: E731
+        assert out["kind"].to_pylist() == [cols.KIND_SEGMENT] * 7 * 3
+        key = lambda o: sorted((r["task"], r["file_id"], r["text"], r["n_output_tokens"]) for r in o.to_pylist())  # noqa: E731
         assert key(out) == key(want)
 
 
@@ -342,8 +341,8 @@ def test_out_of_memory_on_a_single_window_is_that_windows_error(monkeypatch):
     monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "oom_over_windows": 0}]))
     pred = SalmonnPredictor("tiny", salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=2)))
     out = pred(_predictor_batch(2))
-    assert list(out["kind"]) == [cols.KIND_WINDOW_ERROR] * 2
-    assert all("OutOfMemoryError" in e and "out of memory" in e for e in out["error"])
+    assert out["kind"].to_pylist() == [cols.KIND_WINDOW_ERROR] * 2
+    assert all("OutOfMemoryError" in e and "out of memory" in e for e in out["error"].to_pylist())
     assert pred.max_windows == 1
 
 
@@ -366,23 +365,23 @@ def test_file_info_rides_on_the_last_window(tmp_path):
     import salmonn
     from pipelines.infer import SalmonnPredictor
     from pipelines.sources import list_inputs
-    from pipelines.stages import DecodeStage, ResultAssembler, ref_to_row
+    from pipelines.stages import DecodeStage, ResultAssembler, refs_table
     from schemas import stage as cols
 
     write_audio(tmp_path / "a.flac", tone(440.0, 5.0, 16000), 16000, "flac")
     (tmp_path / "b.mp3").write_bytes(b"not audio" * 50)
     refs = list_inputs(str(tmp_path))
     stage = DecodeStage(DecodeOptions(window_s=2.0), windows_per_batch=64)
-    batch = {k: [v] for k, v in ref_to_row(refs[0]).items()}
-    (out,) = list(stage(batch))
-    assert list(out["kind"]) == [cols.KIND_WINDOW] * 3
-    assert [fi is not None for fi in out["file_info"]] == [False, False, True]
-    (bad,) = list(stage({k: [v] for k, v in ref_to_row(refs[1]).items()}))
-    assert list(bad["kind"]) == [cols.KIND_FILE]
+    (out,) = list(stage(refs_table(refs[:1])))
+    assert out["kind"].to_pylist() == [cols.KIND_WINDOW] * 3
+    assert [fi is not None for fi in out["file_info"].to_pylist()] == [False, False, True]
+    (bad,) = list(stage(refs_table(refs[1:])))
+    assert bad["kind"].to_pylist() == [cols.KIND_FILE]
 
     pred = SalmonnPredictor("tiny", salmonn.default_tasks(salmonn.GenerationSettings(max_new_tokens=3)))
     results = pred(out)
-    assert sum(fi is not None for fi in results["file_info"]) == 1
+    assert sum(fi is not None for fi in results["file_info"].to_pylist()) == 1
     asm = ResultAssembler(["caption", "transcribe", "emotion"])
-    (done,) = asm.add(results)
+    (done,), failed = asm.add(results)
+    assert not failed
     assert done.info.n_segments == 3 and len(done.segments) == 9
