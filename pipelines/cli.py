@@ -140,6 +140,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int,
                    help="windows per inference batch (default: 32 on GPU actors, 8 on CPU; a GPU that runs "
                         "out of memory makes its actor run fewer at once)")
+    p.add_argument("--windows-per-batch", type=int, default=4,
+                   help="windows per decode output block (default 4): how a long file streams to inference")
+    p.add_argument("--prefetch-batches", type=int, default=4,
+                   help="inference batches decoding may run ahead, per inference actor (default 4)")
     p.add_argument("--decode-actors", type=int, help="max decode actors (default: free CPUs)")
     p.add_argument("--infer-actors", type=int, help="inference actors (default: one per GPU, or 1)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (default: 1 if GPUs exist)")
@@ -169,7 +173,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         out=args.out, tasks=build_tasks(args), model=args.model,
         model_options=parse_kv(args.model_option, "--model-option"), decode=decode,
         storage_options=storage, out_storage_options=out_storage, extensions=ext, address=args.address,
-        num_cpus=args.num_cpus, batch_size=args.batch_size, decode_actors=args.decode_actors,
+        num_cpus=args.num_cpus, batch_size=args.batch_size, windows_per_batch=args.windows_per_batch,
+        prefetch_batches=args.prefetch_batches, decode_actors=args.decode_actors,
         infer_actors=args.infer_actors, gpus_per_infer_actor=args.gpus_per_actor,
         flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
         fresh=args.fresh, progress=not args.no_progress,

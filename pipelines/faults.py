@@ -12,6 +12,11 @@ exiting (to slow a run down so that a test can interrupt it at a known point); o
 ``"raise": "message"`` raises ``RuntimeError(message)`` (an ordinary failure of the work, which the
 stage must turn into an error row without losing its neighbours).
 
+``{"stage": "infer", "uri_contains": "clip-03", "corrupt_kind": "bogus"}`` gives that file's result
+rows an unknown ``kind`` (a result the driver cannot use: it must fail that file, not the run).
+``{"stage": "commit", "uri_contains": ..., "raise": "message"}`` makes the driver's commit of that
+file raise (a failure of the run itself, e.g. an output that stopped being writable).
+
 ``{"stage": "infer", "oom_over_windows": N}`` makes an inference call of more than N windows raise
 ``torch.OutOfMemoryError``, as a GPU too small for the batch size does.
 """
@@ -32,7 +37,8 @@ def maybe_crash(stage: str, uri: str) -> None:
     if not spec:
         return
     for rule in json.loads(spec):
-        if rule.get("stage") != stage or rule.get("uri_contains", "") not in uri or "oom_over_windows" in rule:
+        if (rule.get("stage") != stage or rule.get("uri_contains", "") not in uri or "oom_over_windows" in rule
+                or "corrupt_kind" in rule):
             continue
         if "sleep_s" in rule:
             time.sleep(float(rule["sleep_s"]))
@@ -62,3 +68,15 @@ def maybe_run_out_of_memory(stage: str, n_windows: int) -> None:
 
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB "
                                          f"(injected: {n_windows} windows > {limit})")
+
+
+def maybe_corrupt(stage: str, rows: list[dict]) -> None:
+    """Apply ``corrupt_kind`` rules to result rows (in place)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for rule in json.loads(spec):
+        if rule.get("stage") == stage and "corrupt_kind" in rule:
+            for row in rows:
+                if rule.get("uri_contains", "") in row["uri"]:
+                    row["kind"] = rule["corrupt_kind"]

@@ -92,6 +92,7 @@ class SalmonnPredictor:
                 for f in files]
         if windows:
             rows.extend(self._guarded(windows))
+        faults.maybe_corrupt("infer", rows)
         return st.build(rows, st.RESULTS, "infer")
 
     def _guarded(self, windows: list[WindowIn]) -> list[dict[str, Any]]:

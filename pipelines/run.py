@@ -30,6 +30,7 @@ import pyarrow as pa
 import pipelines
 import schemas
 from pipelines import commit as cm
+from pipelines import faults
 from pipelines import storage
 from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH
 from pipelines.config import PipelineConfig, config_hash_of, model_id_for, resolve_tasks
@@ -261,6 +262,8 @@ class CommitBuffer:
         if not self.buffer:
             return
         t0 = time.monotonic()
+        for d in self.buffer.values():
+            faults.maybe_crash("commit", d.info.uri)
         files, segs, entries = build_tables(list(self.buffer.values()), self.refs, run_id=self.run_id,
                                             model_id=self.model_id, chash=self.chash)
         self.committer.commit(files, segs, entries)
