@@ -25,7 +25,9 @@ from schemas.vocabulary import (
 #   "1"  first release.
 #   "2"  segments gain ``label``: the emotion task's answer mapped to EMOTION_LABELS (null for
 #        other tasks). Version-1 parts still read: conform() fills the missing column with nulls.
-SCHEMA_VERSION = "2"
+#   "3"  files gain ``version``: the input's version as listed (FileRef.version: ETag, or size +
+#        mtime), so the incremental ledger is a column scan of the files table.
+SCHEMA_VERSION = "3"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -56,6 +58,7 @@ FILES = _with_version([
     pa.field("config_hash", pa.string()),
     pa.field("pipeline_version", pa.string()),
     pa.field("processed_at", _TS),
+    pa.field("version", pa.string()),          # v3: the input's version (FileRef.version) when processed
 ])
 
 # One row per (file, segment, task).
