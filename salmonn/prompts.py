@@ -60,14 +60,31 @@ BUILTIN_TASKS: dict[str, str] = {
     "keywords": "keywords",
 }
 
+# Official prompts whose answer is about a voice: meaningless for a window without speech (the
+# model invents a transcript for music or noise), so the speech gate skips them there. The
+# others (captions, music, stories, descriptions of speech *and* background, lyrics) describe any
+# audio and run on every window that is not digital silence.
+SPEECH_PROMPTS = frozenset({
+    "asr", "asr_zh", "asr_de", "translation_ec", "translation_en2ja", "translation_en2de",
+    "phone_recognition", "emotion_recognition", "speaker_verification", "speech_separation",
+    "keywords", "speaker_diarization_asr", "speech_query", "slot_filling",
+})
+
 
 @dataclass(frozen=True)
 class Task:
-    """One question to ask of every window: a name, the instruction, and how to decode."""
+    """One question to ask of every window: a name, the instruction, and how to decode.
+
+    ``needs_speech``: the answer is only meaningful where someone speaks (a transcript, an
+    emotion); with the speech gate on, windows without speech get this task's row with no text
+    (finish reason ``no_speech``) instead of a generation. Built-in tasks set it from
+    :data:`SPEECH_PROMPTS`; custom prompts default to False (run everywhere).
+    """
 
     name: str
     prompt: str
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    needs_speech: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -76,6 +93,8 @@ class Task:
             raise ValueError(f"task {self.name!r}: prompt must not be empty")
         if SPEECH_PLACEHOLDER in self.prompt:
             raise ValueError(f"task {self.name!r}: prompt must not contain {SPEECH_PLACEHOLDER}")
+        if not isinstance(self.needs_speech, bool):
+            raise ValueError(f"task {self.name!r}: needs_speech must be true or false, got {self.needs_speech!r}")
 
 
 def builtin_task(name: str, settings: GenerationSettings | None = None) -> Task:
@@ -83,7 +102,8 @@ def builtin_task(name: str, settings: GenerationSettings | None = None) -> Task:
     key = BUILTIN_TASKS.get(name, name)
     if key not in OFFICIAL_PROMPTS or "{}" in OFFICIAL_PROMPTS[key]:
         raise ValueError(f"unknown task {name!r}; built-in: {sorted(BUILTIN_TASKS)}")
-    return Task(name=name, prompt=OFFICIAL_PROMPTS[key], settings=settings or GenerationSettings())
+    return Task(name=name, prompt=OFFICIAL_PROMPTS[key], settings=settings or GenerationSettings(),
+                needs_speech=key in SPEECH_PROMPTS)
 
 
 def default_tasks(settings: GenerationSettings | None = None) -> tuple[Task, ...]:
