@@ -29,6 +29,7 @@ from pipelines.config import (
     check_setting,
     decode_options,
 )
+from pipelines.vad import DEFAULT_SPEECH_THRESHOLD
 
 log = logging.getLogger("salmonn_pipeline")
 PROG = "salmonn-pipeline"
@@ -95,9 +96,15 @@ def build_tasks(args: argparse.Namespace) -> tuple[salmonn.Task, ...]:
     unknown = set(per_task) - known
     if unknown:
         raise ConfigError(f"--task-setting: unknown task(s) {sorted(unknown)}; tasks are {sorted(known)}")
+    needs_speech: dict[str, bool] = {}     # TASK.needs_speech=true|false: the task, not its decoding
     for name, settings in per_task.items():
         if not isinstance(settings, dict):
             raise ConfigError(f"--task-setting: expects TASK.KEY=VALUE, got {name}={settings!r}")
+        if "needs_speech" in settings:
+            value = settings.pop("needs_speech")
+            if not isinstance(value, bool):
+                raise ConfigError(f"--task-setting {name}.needs_speech: must be true or false, got {value!r}")
+            needs_speech[name] = value
         for key, value in settings.items():
             check_setting(f"--task-setting {name}.{key}", key, value)
     for t in tasks:
@@ -105,7 +112,7 @@ def build_tasks(args: argparse.Namespace) -> tuple[salmonn.Task, ...]:
             settings = dataclasses.replace(t.settings, **{**overrides, **per_task.get(t.name, {})})
         except (ValueError, TypeError) as e:   # GenerationSettings' own checks (range, type)
             raise ConfigError(f"task {t.name!r}: {e}") from None
-        out.append(dataclasses.replace(t, settings=settings))
+        out.append(dataclasses.replace(t, settings=settings, needs_speech=needs_speech.get(t.name, t.needs_speech)))
     return tuple(out)
 
 
@@ -114,7 +121,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated built-in tasks (caption, transcribe, emotion, ...); '' for none")
     p.add_argument("--prompt", action="append", metavar="NAME=TEXT", help="a custom task (repeatable)")
     p.add_argument("--task-setting", action="append", metavar="TASK.KEY=VALUE",
-                   help="per-task generation setting, e.g. caption.lora_scale=2.0 (repeatable)")
+                   help="per-task generation setting, e.g. caption.lora_scale=2.0, or NAME.needs_speech=true "
+                        "to let the speech gate skip a custom prompt where nobody speaks (repeatable)")
     p.add_argument("--model", default="tiny", help="tiny | salmonn-13b | salmonn-7b | PATH (default: tiny)")
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
                    help="model loading option, e.g. whisper_path=/models/whisper-large-v2 (repeatable); "
@@ -126,6 +134,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-s", type=float, default=30.0, help="window length in seconds (<= 30)")
     p.add_argument("--hop-s", type=float, help="hop between windows (default: the window length)")
     p.add_argument("--snap-to-silence", action="store_true", help="move cuts to the quietest 20 ms of the last 2 s")
+    p.add_argument("--speech-gate", choices=("on", "off"), default="on",
+                   help="on (default): voice activity detection on every window; tasks that need speech "
+                        "(transcribe, emotion, ...) are not generated where nobody speaks (finish_reason "
+                        "no_speech) and digitally silent windows run no task (silence); off: every task on "
+                        "every window")
+    p.add_argument("--speech-threshold", type=float, default=DEFAULT_SPEECH_THRESHOLD,
+                   help=f"share of a window in speech below which it has no speech "
+                        f"(default {DEFAULT_SPEECH_THRESHOLD})")
+    p.add_argument("--cut-at-pauses", action="store_true",
+                   help="end each window at the longest speech pause in its last 5 s (VAD), so words "
+                        "are not split between windows")
     p.add_argument("--channel-mode", choices=("mix", "first"), default="mix",
                    help="mix = down-mix to mono; first = channel 0 only (the official behaviour)")
     p.add_argument("--max-duration-s", type=float, default=12 * 3600)
@@ -177,7 +196,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         prefetch_batches=args.prefetch_batches, decode_actors=args.decode_actors,
         infer_actors=args.infer_actors, gpus_per_infer_actor=args.gpus_per_actor,
         flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
-        fresh=args.fresh, progress=not args.no_progress,
+        fresh=args.fresh, progress=not args.no_progress, speech_gate=args.speech_gate == "on",
+        speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
     )
 
 

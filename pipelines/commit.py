@@ -1,17 +1,38 @@
-"""Commit protocol: Parquet parts + per-run manifest, exactly-once, resumable.
+"""Commit protocol on Delta Lake tables (deltalake / delta-rs): exactly-once, resumable, incremental.
 
-Layout under the output URI ``OUT`` (local path or any fsspec URL)::
+Layout under the output URI ``OUT`` (local path or object-store URL)::
 
-    OUT/files/run_id=<RUN>/part-<SEQ>-<TOKEN>.parquet      files rows of one commit
-    OUT/segments/run_id=<RUN>/part-<SEQ>-<TOKEN>.parquet   segments rows of the same commit
-    OUT/_runs/<RUN>/run.json                               run record (config, status, counts)
-    OUT/_runs/<RUN>/commits/<SEQ>.json                     commit record: the manifest entry
+    OUT/files/                  Delta table: one row per input file, its latest result
+    OUT/segments/               Delta table: one row per (file, segment, task) of each file's latest result
+    OUT/_runs/<RUN>/run.json    run record (config, status, counts)
 
-A commit writes both parts (on local disks through a temporary name and a rename), and only then
-its commit record. The set of commit records *is* the manifest: readers, ``status`` and resume see
-only parts a commit record lists, so a crash at any point leaves either a complete, listed commit
-or unlisted debris that is ignored and removed when the run resumes. Each record is one object
-written once, which is atomic on object stores as well as on POSIX.
+One driver commit (a batch of complete files) is two Delta commits, ``segments`` first, then
+``files``. Each is an overwrite with the predicate ``file_id IN (<the batch's files>)``: the
+batch's files' earlier rows are removed and its new rows added in one atomic table version, so a
+reprocessed file's new result replaces the old one and an error result removes the old segments.
+Each carries an application transaction (app id = run id, version = commit seq) and commit
+metadata (``run_id``, ``seq``, ``file_ids``). Earlier results stay reachable through Delta's time
+travel until ``vacuum`` removes their data files.
+
+* A commit is complete when ``files`` has it. The incremental ledger is a column scan of
+  ``files`` (uri, version, config_hash, status, error_type): its cost depends on the number of
+  files in the table, not on how many commits or runs wrote them.
+* Resume: ``files``' transaction version for the run id is the last complete seq; the next commit
+  continues after it. A crash between the two table commits leaves ``segments`` one seq ahead:
+  those files are not in ``files``, so they are processed again, and the redo's predicate
+  replaces the segment rows the interrupted commit wrote (never duplicates them).
+* Concurrent writers (two runs on one OUT): Delta's optimistic concurrency rejects a commit when a
+  concurrent commit added rows its predicate covers (``CommitFailedError``); the commit is
+  retried on the new table version, where the predicate now removes the other run's rows. So
+  each file's rows are in each table exactly once.
+* Data files are Parquet (zstd); their ``file_id`` column carries the field metadata
+  ``salmonn_pipeline.schema_version`` (delta-rs writes field metadata of the table schema into
+  every data file's footer, but not schema-level metadata), and the table configuration carries
+  the same key (``DeltaTable.metadata().configuration``).
+
+An output written by the earlier layout (Parquet parts + JSON commit records, schema v1/v2) is
+converted once by :func:`migrate` (``salmonn-pipeline migrate OUT``); reading it unconverted raises
+:class:`OldLayoutError`, which says so.
 
 No Ray here: the driver calls this module; tests use it directly.
 """
@@ -25,32 +46,63 @@ import json
 import logging
 import os
 import posixpath
+import random
 import secrets
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 import schemas
+from pipelines import storage
 from schemas import vocabulary
 
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
 RUN_RECORD = "run.json"
-COMMITS_DIR = "commits"
+TABLE_NAMES = ("segments", "files")     # the order of a driver commit: files last
+LEGACY_DIR = "_legacy"                  # where `migrate` keeps the earlier layout's parts
+COMMITS_DIR = "commits"                 # the earlier layout's commit records (_runs/<run>/commits/)
 
 # Run states and the error types the next run tries again (schemas.vocabulary: transient by
 # nature); every other committed file is skipped while its (uri, version, config_hash) is unchanged.
 RUN_RUNNING, RUN_COMPLETED, RUN_FAILED = vocabulary.RUN_RUNNING, vocabulary.RUN_COMPLETED, vocabulary.RUN_FAILED
 RETRYABLE_ERRORS = vocabulary.RETRYABLE_ERRORS
 
+# Compaction bin-packs data files smaller than this into files of about this size (Delta's own
+# default is 100 MiB; object stores read 64-256 MiB files at full speed).
+TARGET_FILE_SIZE = 128 * 2**20
+# Attempts of one table commit that keeps losing to concurrent writers.
+COMMIT_ATTEMPTS = 60
+# Column statistics kept in the Delta log (min/max/null count per data file): the columns queries
+# filter on. Free-text columns (text, prompt, error_message) would only make the log bigger.
+STATS_COLUMNS = {
+    "files": "file_id,uri,run_id,status,error_type,config_hash,processed_at",
+    "segments": "file_id,uri,run_id,task,segment_index,label",
+}
+# The files columns the incremental ledger reads.
+LEDGER_COLUMNS = ["file_id", "uri", "version", "etag", "size_bytes", "mtime", "config_hash", "status",
+                  "error_type", "run_id"]
+MIGRATE_APP_ID = "salmonn-pipeline-migrate"
+SCHEMA_VERSION_KEY = schemas.METADATA_KEY.decode()
+
+WRITER_PROPERTIES = WriterProperties(compression="ZSTD")
+
 # Storage-option keys whose values are secrets: never written to run records or logs.
 _SECRET_HINTS = ("secret", "key", "token", "password", "credential", "session", "auth")
 _PUBLIC_KEYS = frozenset({"endpoint_url", "anon", "region_name", "profile", "use_ssl", "block_size"})
+
+
+class OldLayoutError(RuntimeError):
+    """OUT holds the earlier layout (Parquet parts + commit records): `salmonn-pipeline migrate OUT`."""
 
 
 def utcnow() -> dt.datetime:
@@ -83,7 +135,7 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CommittedFile:
-    """What the manifest says about one committed file (enough to decide skips without Parquet)."""
+    """What the ledger says about one committed file (enough to decide skips)."""
 
     file_id: str
     uri: str
@@ -92,11 +144,25 @@ class CommittedFile:
     status: str
     error_type: str | None
     run_id: str
+    seq: int          # the driver commit that wrote it; 0 where read back from the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """One driver commit, as :meth:`Committer.commit` made it."""
+
+    run_id: str
     seq: int
+    n_files: int
+    n_segments: int
+    versions: dict[str, int]   # table name -> the Delta table version this commit created
 
 
 @dataclasses.dataclass(frozen=True)
 class CommitRecord:
+    """A commit record of the earlier layout (``_runs/<run>/commits/<seq>.json``); read by
+    :func:`migrate`."""
+
     run_id: str
     seq: int
     files_part: str        # path relative to OUT
@@ -118,14 +184,20 @@ class CommitRecord:
         return cls(**d)
 
 
+# ---------------------------------------------------------------------------------------------
+# The output location
+# ---------------------------------------------------------------------------------------------
+
 class OutputStore:
-    """Reads and writes one output location (``OUT``) through fsspec."""
+    """One output location ``OUT``: the Delta tables (delta-rs) and the run records (fsspec)."""
 
     def __init__(self, out: str, storage_options: Mapping[str, Any] | None = None):
         self.out = out.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.out, **dict(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.out, **self.storage_options)
         self.root = root.rstrip("/")
-        self.is_local = "file" in _protocols(self.fs)
+        self.is_local = "file" in _protocols(self.fs) or "local" in _protocols(self.fs)
+        self.delta_options = storage.delta_options(self.out, self.storage_options)
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, *rel: str) -> str:
@@ -138,7 +210,15 @@ class OutputStore:
         """A user-facing URI for a path relative to OUT (for messages and queries)."""
         return f"{self.out}/{rel}"
 
-    # -- low-level writes --------------------------------------------------------------------
+    def table_uri(self, name: str) -> str:
+        """The URI delta-rs opens for table ``name`` (an absolute path for local outputs)."""
+        if self.is_local:
+            return self.path(name)
+        scheme, rest = self.out.split("://", 1)
+        scheme = {"s3a": "s3", "gcs": "gs"}.get(scheme, scheme)
+        return f"{scheme}://{rest}/{name}"
+
+    # -- small objects (run records) ---------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)
         if self.is_local:
@@ -156,11 +236,6 @@ class OutputStore:
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, (json.dumps(obj, sort_keys=True, indent=1, default=str) + "\n").encode())
-
-    def write_table(self, path: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(path, sink.getvalue().to_pybytes())
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
@@ -190,97 +265,173 @@ class OutputStore:
     def write_run(self, record: Mapping[str, Any]) -> None:
         self.write_json(posixpath.join(self.run_dir(record["run_id"]), RUN_RECORD), dict(record))
 
-    def commits(self, run_id: str) -> list[CommitRecord]:
+    # -- tables ------------------------------------------------------------------------------
+    def table(self, name: str, version: int | None = None) -> DeltaTable | None:
+        """Table ``name`` ('files' or 'segments') at its latest (or ``version``), None if absent.
+
+        Raises :class:`OldLayoutError` when OUT holds the earlier layout instead."""
+        try:
+            return DeltaTable(self.table_uri(name), version=version, storage_options=self.delta_options)
+        except TableNotFoundError:
+            self.check_not_legacy()
+            return None
+
+    def check_not_legacy(self) -> None:
+        """Raise :class:`OldLayoutError` if OUT holds the earlier layout (parts + commit records)."""
+        if self.legacy_parts() or any(self._legacy_record_names(r) for r in self.list_runs()):
+            raise OldLayoutError(
+                f"{self.out} was written by an earlier salmonn-pipeline (Parquet parts + commit records, "
+                f"schema version 1/2), not as Delta tables; convert it once with "
+                f"`salmonn-pipeline migrate {self.out}` (latest rows into Delta tables, history kept in "
+                f"_runs/<run>/run.json and the old parts under {LEGACY_DIR}/)")
+
+    def open_for_write(self, name: str, *, migrating: bool = False) -> DeltaTable:
+        """Table ``name``, created if absent, with this pipeline's columns (added if missing).
+        (``migrating``: the earlier layout's parts may still be there.)"""
+        dt_ = _quiet_table(self, name) if migrating else self.table(name)
+        if dt_ is None:
+            dt_ = _create_table(self.table_uri(name), name, self.delta_options)
+        _evolve(dt_, name)
+        return dt_
+
+    def read_table(self, name: str, *, run_id: str | None = None, latest: bool = True,
+                   columns: Sequence[str] | None = None, file_ids: Iterable[str] | None = None,
+                   version: int | None = None) -> pa.Table:
+        """Rows of table ``name``: each file's latest result (``latest`` is always true: the
+        tables hold nothing else), conformed to this pipeline's schema.
+
+        ``run_id`` keeps the rows that run wrote; ``file_ids`` keeps those files; ``columns``
+        reads only those columns; ``version`` reads an earlier table version (time travel)."""
+        del latest
+        schema = schemas.TABLES[name]
+        want = list(columns) if columns is not None else schema.names
+        sub = pa.schema([schema.field(c) for c in want], metadata=schema.metadata)
+        dt_ = self.table(name, version)
+        if dt_ is None:
+            return sub.empty_table()
+        ds = dt_.to_pyarrow_dataset()
+        expr = None
+        if run_id is not None:
+            expr = pc.field("run_id") == run_id
+        if file_ids is not None:
+            ids = pc.field("file_id").isin(pa.array(sorted(set(file_ids)), pa.string()))
+            expr = ids if expr is None else expr & ids
+        have = set(ds.schema.names)
+        table = ds.to_table(columns=[c for c in want if c in have], filter=expr)
+        return schemas.conform(table, sub)
+
+    def read_run_rows(self, name: str, run_id: str) -> pa.Table:
+        """The rows ``run_id`` wrote, as of its last commit (Delta time travel), including rows a
+        later run has since replaced. Falls back to the rows still in the latest table version
+        where that version is no longer readable (vacuumed) or not found."""
+        version = self.run_version(name, run_id)
+        if version is not None:
+            try:
+                return self.read_table(name, run_id=run_id, version=version)
+            except (OSError, ValueError) as e:   # data files of that version vacuumed away
+                log.warning("table %s at version %d (run %s) is no longer readable (%s); using the "
+                            "latest version's rows of that run", name, version, run_id, e)
+        return self.read_table(name, run_id=run_id)
+
+    def run_version(self, name: str, run_id: str) -> int | None:
+        """The table version of ``run_id``'s last commit to table ``name`` (from the commit
+        metadata in the Delta history, newest first), or None."""
+        dt_ = self.table(name)
+        if dt_ is None:
+            return None
+        limit = 64
+        while True:
+            hist = dt_.history(limit)
+            for h in hist:
+                if h.get("run_id") == run_id:
+                    return int(h["version"])
+            if len(hist) < limit:
+                return None
+            limit *= 4
+
+    def committed_seq(self, run_id: str) -> int:
+        """The last complete commit seq of ``run_id`` (0: none)."""
+        dt_ = self.table("files")
+        return (dt_.transaction_version(run_id) or 0) if dt_ is not None else 0
+
+    def ledger(self) -> dict[str, CommittedFile]:
+        """uri -> what ``files`` holds for it: a scan of a few columns of one table."""
+        t = self.read_table("files", columns=LEDGER_COLUMNS)
+        cols = {c: t[c].to_pylist() for c in LEDGER_COLUMNS}
+        out: dict[str, CommittedFile] = {}
+        for i, uri in enumerate(cols["uri"]):
+            version = cols["version"][i]
+            if version is None:  # rows written without the column: the listing's own rule
+                version = _version_of(cols["etag"][i], cols["size_bytes"][i], cols["mtime"][i])
+            out[uri] = CommittedFile(file_id=cols["file_id"][i], uri=uri, version=version,
+                                     config_hash=cols["config_hash"][i], status=cols["status"][i],
+                                     error_type=cols["error_type"][i], run_id=cols["run_id"][i], seq=0)
+        return out
+
+    def data_files(self, name: str) -> list[str]:
+        """fsspec paths of the data files of table ``name``'s latest version."""
+        dt_ = self.table(name)
+        if dt_ is None:
+            return []
+        return [self.path(name, rel) for rel in pa.table(dt_.get_add_actions(flatten=True))["path"].to_pylist()]
+
+    def untracked_files(self, name: str) -> list[str]:
+        """Parquet files in table ``name``'s directory that no table version ever listed: debris
+        of a write interrupted before its commit (or a concurrent write still in progress).
+        ``maintain --vacuum-hours H`` removes those older than H hours. (Files of earlier
+        versions, kept for time travel, are not counted.)"""
+        dt_ = self.table(name)
+        if dt_ is None:
+            return []
+        every = set(dt_.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True))
+        removed = set(dt_.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False))
+        return sorted(self.path(name, rel) for rel in every - removed
+                      if rel.endswith(".parquet") and not rel.startswith(("_", ".")))
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def maintain(self, *, vacuum_hours: float | None = None, target_size: int = TARGET_FILE_SIZE) -> dict[str, Any]:
+        """Compact both tables (small data files into files of ``target_size``), write a
+        checkpoint, and with ``vacuum_hours`` delete data files no version newer than that needs
+        (time travel before it ends there) and untracked files older than that."""
+        report: dict[str, Any] = {}
+        for name in TABLE_NAMES:
+            dt_ = self.table(name)
+            if dt_ is None:
+                continue
+            report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
+        return report
+
+    # -- the earlier layout (read by migrate) -----------------------------------------------
+    def legacy_parts(self) -> list[str]:
+        """Part directories of the earlier layout still in place (``OUT/<table>/run_id=<RUN>``)."""
+        found = []
+        for name in ("files", "segments"):
+            base = self.path(name)
+            self.fs.invalidate_cache(base)
+            try:
+                entries = self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                continue
+            found.extend(e for e in entries if posixpath.basename(e.rstrip("/")).startswith("run_id="))
+        return sorted(found)
+
+    def _legacy_record_names(self, run_id: str) -> list[str]:
         base = posixpath.join(self.run_dir(run_id), COMMITS_DIR)
         self.fs.invalidate_cache(base)
         try:
             names = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
+        return sorted(n for n in names if n.endswith(".json") and not posixpath.basename(n).startswith("."))
+
+    def legacy_commits(self, run_id: str | None = None) -> list[CommitRecord]:
+        """The earlier layout's commit records (of ``run_id``, or of every run), oldest first."""
         records = []
-        for name in sorted(names):
-            if not name.endswith(".json") or posixpath.basename(name).startswith("."):
-                continue
-            with self.fs.open(name, "rb") as f:
-                records.append(CommitRecord.from_json(f.read().decode()))
-        return sorted(records, key=lambda r: r.seq)
-
-    def all_commits(self) -> list[CommitRecord]:
-        out: list[CommitRecord] = []
-        for run_id in self.list_runs():
-            out.extend(self.commits(run_id))
-        return out
-
-    # -- reading tables ----------------------------------------------------------------------
-    def read_parts(self, name: str, commits: Iterable[CommitRecord]) -> pa.Table:
-        """Concatenate the listed parts of table ``name`` ('files' or 'segments')."""
-        schema = schemas.TABLES[name]
-        tables = []
-        for c in commits:
-            rel = c.files_part if name == "files" else c.segments_part
-            with self.fs.open(self.path(rel), "rb") as f:
-                t = pq.read_table(f)
-            tables.append(schemas.conform(t, schema))
-        if not tables:
-            return schema.empty_table()
-        return pa.concat_tables(tables)
-
-    def read_table(self, name: str, *, run_id: str | None = None, latest: bool = False) -> pa.Table:
-        """A table from manifest-listed parts only.
-
-        ``run_id`` restricts to one run; ``latest`` keeps, for each file, only the rows of its most
-        recent commit (so a changed file's new rows supersede the old ones).
-        """
-        commits = self.commits(run_id) if run_id else self.all_commits()
-        if latest:
-            keep = latest_commit_of_files(commits)
-            wanted = {(fid, run, seq) for fid, (run, seq) in keep.items()}
-            table = self._read_with_origin(name, commits)
-            if table.num_rows == 0:
-                return schemas.TABLES[name].empty_table()
-            mask = [
-                (fid, run, seq) in wanted
-                for fid, run, seq in zip(
-                    table["file_id"].to_pylist(), table["__run"].to_pylist(), table["__seq"].to_pylist()
-                )
-            ]
-            table = table.filter(pa.array(mask)).drop_columns(["__run", "__seq"])
-            return table.replace_schema_metadata(schemas.TABLES[name].metadata)
-        return self.read_parts(name, commits)
-
-    def _read_with_origin(self, name: str, commits: list[CommitRecord]) -> pa.Table:
-        tables = []
-        for c in commits:
-            t = self.read_parts(name, [c])
-            t = t.append_column("__run", pa.array([c.run_id] * t.num_rows, pa.string()))
-            t = t.append_column("__seq", pa.array([c.seq] * t.num_rows, pa.int64()))
-            tables.append(t)
-        return pa.concat_tables(tables) if tables else pa.table({})
-
-    # -- housekeeping ------------------------------------------------------------------------
-    def orphan_parts(self, run_id: str) -> list[str]:
-        """Part files of ``run_id`` that no commit record lists (debris of a crash)."""
-        listed = set()
-        for c in self.commits(run_id):
-            listed.add(self.path(c.files_part))
-            listed.add(self.path(c.segments_part))
-        orphans = []
-        for table in ("files", "segments"):
-            d = self.path(table, f"run_id={run_id}")
-            self.fs.invalidate_cache(d)
-            try:
-                names = self.fs.ls(d, detail=False)
-            except FileNotFoundError:
-                continue
-            orphans.extend(n for n in names if n not in listed)
-        return sorted(orphans)
-
-    def remove_orphans(self, run_id: str) -> list[str]:
-        orphans = self.orphan_parts(run_id)
-        for p in orphans:
-            log.info("removing unlisted part %s (left by an interrupted commit)", p)
-            self.fs.rm(p)
-        return orphans
+        for run in [run_id] if run_id else self.list_runs():
+            for name in self._legacy_record_names(run):
+                with self.fs.open(name, "rb") as f:
+                    records.append(CommitRecord.from_json(f.read().decode()))
+        return sorted(records, key=lambda r: (r.run_id, r.seq))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -288,25 +439,132 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def latest_commit_of_files(commits: Iterable[CommitRecord]) -> dict[str, tuple[str, int]]:
-    """file_id -> (run_id, seq) of the most recent commit that holds it.
-
-    Runs are ordered by run id (which starts with its UTC start time), commits within a run by seq.
-    """
-    best: dict[str, tuple[str, int]] = {}
-    for c in sorted(commits, key=lambda c: (c.run_id, c.seq)):
-        for f in c.files:
-            best[f.file_id] = (c.run_id, c.seq)
-    return best
+def _version_of(etag: str | None, size: int | None, mtime: dt.datetime | None) -> str:
+    """FileRef.version from the listing columns (for rows written without ``version``)."""
+    if etag:
+        return etag
+    if size is None and mtime is None:
+        return "unknown"
+    return f"{size}-{mtime.isoformat() if mtime else None}"
 
 
-def committed_ledger(commits: Iterable[CommitRecord]) -> dict[str, CommittedFile]:
-    """uri -> the most recent committed entry for that uri."""
-    ledger: dict[str, CommittedFile] = {}
-    for c in sorted(commits, key=lambda c: (c.run_id, c.seq)):
-        for f in c.files:
-            ledger[f.uri] = f
-    return ledger
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _id_predicate(ids: Iterable[str]) -> str:
+    return "file_id IN (" + ",".join(_sql_str(i) for i in ids) + ")"
+
+
+def _table_schema(name: str) -> pa.Schema:
+    """The Delta table schema of ``name``: the pipeline's columns, with the schema version as
+    field metadata of ``file_id`` (delta-rs keeps field metadata in every data file's footer)."""
+    schema = schemas.TABLES[name]
+    fields = [f.with_metadata({SCHEMA_VERSION_KEY: schemas.SCHEMA_VERSION}) if f.name == "file_id" else f
+              for f in schema]
+    return pa.schema(fields)
+
+
+def _create_table(uri: str, name: str, options: Mapping[str, str]) -> DeltaTable:
+    config = {SCHEMA_VERSION_KEY: schemas.SCHEMA_VERSION, "delta.dataSkippingStatsColumns": STATS_COLUMNS[name]}
+    try:
+        return DeltaTable.create(uri, _table_schema(name), mode="ignore", name=name,
+                                 description=f"salmonn-pipeline {name} (schema version {schemas.SCHEMA_VERSION})",
+                                 configuration=config, storage_options=dict(options),
+                                 raise_if_key_not_exists=False)
+    except CommitFailedError:  # another writer created it at the same moment
+        return DeltaTable(uri, storage_options=dict(options))
+
+
+def _evolve(dt_: DeltaTable, name: str) -> None:
+    """Bring an existing table to this pipeline's schema: add missing (nullable) columns and
+    record the schema version. A table with columns this pipeline does not know was written by a
+    newer one: refuse to write to it."""
+    from deltalake import Field
+
+    have = {f.name for f in dt_.schema().fields}
+    want = _table_schema(name)
+    unknown = have - set(want.names)
+    if unknown:
+        raise schemas.SchemaError(
+            f"table {name} has columns {sorted(unknown)} this pipeline does not know (schema version "
+            f"{dt_.metadata().configuration.get(SCHEMA_VERSION_KEY)}; this is {schemas.SCHEMA_VERSION}): "
+            f"use the salmonn-pipeline that wrote it")
+    missing = [f for f in want if f.name not in have]
+    recorded = dt_.metadata().configuration.get(SCHEMA_VERSION_KEY)
+    if not missing and recorded == schemas.SCHEMA_VERSION:
+        return
+    props = CommitProperties(custom_metadata={"salmonn_pipeline.operation": f"schema version {schemas.SCHEMA_VERSION}"})
+    if missing:
+        log.info("table %s: adding columns %s (schema version %s)", name, [f.name for f in missing],
+                 schemas.SCHEMA_VERSION)
+        dt_.alter.add_columns([Field.from_arrow(f.with_nullable(True)) for f in missing], commit_properties=props)
+    dt_.alter.set_column_metadata("file_id", {SCHEMA_VERSION_KEY: schemas.SCHEMA_VERSION}, commit_properties=props)
+    dt_.alter.set_table_properties({SCHEMA_VERSION_KEY: schemas.SCHEMA_VERSION}, raise_if_not_exists=False,
+                                   commit_properties=props)
+
+
+def table_schema_version(dt_: DeltaTable) -> str | None:
+    """The schema version a Delta table records in its configuration."""
+    return dt_.metadata().configuration.get(SCHEMA_VERSION_KEY)
+
+
+def data_file_schema_version(parquet_schema: pa.Schema) -> str | None:
+    """The schema version a Parquet data file carries: the ``file_id`` field's metadata (Delta
+    tables), or the schema metadata (the earlier layout's parts)."""
+    version = schemas.schema_version(parquet_schema)
+    if version is not None or "file_id" not in parquet_schema.names:
+        return version
+    meta = parquet_schema.field("file_id").metadata or {}
+    value = meta.get(schemas.METADATA_KEY)
+    return value.decode() if value is not None else None
+
+
+def _retry_conflicts(what: str, fn: Callable[[], Any], refresh: Callable[[], None], attempts: int) -> Any:
+    """``fn()``, retried on ``CommitFailedError`` (a concurrent writer won the version) after
+    ``refresh()`` and a randomized backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except CommitFailedError as e:
+            if attempt == attempts:
+                raise
+            delay = min(5.0, 0.05 * 2 ** min(attempt, 7)) * (0.5 + random.random())
+            log.info("%s: a concurrent commit conflicts (%s); retrying on the new version in %.2f s (attempt %d)",
+                     what, str(e).splitlines()[0][:120], delay, attempt + 1)
+            time.sleep(delay)
+            refresh()
+    raise AssertionError("unreachable")
+
+
+def _maintain_table(dt_: DeltaTable, name: str, *, vacuum_hours: float | None, target_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    props = CommitProperties(custom_metadata={"salmonn_pipeline.operation": "maintain"})
+    try:
+        metrics = _retry_conflicts(f"compact {name}", lambda: dt_.optimize.compact(
+            target_size=target_size, writer_properties=WRITER_PROPERTIES, commit_properties=props),
+            dt_.update_incremental, attempts=5)
+        out["files_removed"], out["files_added"] = metrics.get("numFilesRemoved", 0), metrics.get("numFilesAdded", 0)
+    except CommitFailedError as e:  # busy concurrent writers: the next maintenance compacts
+        log.warning("compaction of %s skipped: concurrent writers kept conflicting (%s)", name, e)
+        out["files_removed"] = out["files_added"] = 0
+    dt_.update_incremental()
+    dt_.create_checkpoint()
+    out["version"] = dt_.version()
+    if vacuum_hours is not None:
+        removed = dt_.vacuum(retention_hours=int(vacuum_hours), dry_run=False, enforce_retention_duration=False,
+                             full=True, commit_properties=props)
+        out["vacuumed"] = len(removed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger
+# ---------------------------------------------------------------------------------------------
+
+def committed_ledger(store: OutputStore) -> dict[str, CommittedFile]:
+    """uri -> the committed entry for that uri (see :meth:`OutputStore.ledger`)."""
+    return store.ledger()
 
 
 def is_done(entry: CommittedFile | None, version: str, cfg_hash: str) -> bool:
@@ -319,46 +577,117 @@ def is_done(entry: CommittedFile | None, version: str, cfg_hash: str) -> bool:
     return entry.error_type not in RETRYABLE_ERRORS
 
 
+# ---------------------------------------------------------------------------------------------
+# Committing
+# ---------------------------------------------------------------------------------------------
+
+def _with_ledger_columns(files: pa.Table, entries: Sequence[CommittedFile]) -> pa.Table:
+    """``files`` with ``version`` (and a missing ``config_hash``) from the ledger entries."""
+    by_id = {e.file_id: e for e in entries}
+    ids = files["file_id"].to_pylist()
+    if set(ids) != set(by_id) or len(ids) != len(set(ids)):
+        raise ValueError("a commit needs exactly one files row and one ledger entry per file")
+    version = pa.array([by_id[i].version for i in ids], pa.string())
+    files = files.set_column(files.schema.get_field_index("version"), files.schema.field("version"), version)
+    chash = pa.array([c if c is not None else by_id[i].config_hash
+                      for i, c in zip(ids, files["config_hash"].to_pylist())], pa.string())
+    return files.set_column(files.schema.get_field_index("config_hash"), files.schema.field("config_hash"), chash)
+
+
 class Committer:
-    """Writes commits for one run: both parts, then the commit record (the manifest entry)."""
+    """Writes the commits of one run: ``segments`` then ``files``, each replacing the batch's
+    files' earlier rows, each with the application transaction (run id, seq)."""
 
     def __init__(self, store: OutputStore, run_id: str, *, start_seq: int | None = None):
         self.store = store
         self.run_id = run_id
-        if start_seq is None:
-            existing = store.commits(run_id)
-            start_seq = (existing[-1].seq + 1) if existing else 1
-        self.next_seq = start_seq
+        self.tables = {name: store.open_for_write(name) for name in TABLE_NAMES}
+        done = self.tables["files"].transaction_version(run_id) or 0
+        written = self.tables["segments"].transaction_version(run_id) or 0
+        # a segments commit whose files commit never landed: its files are not done, so they are
+        # processed again and the redo replaces these segment rows
+        self.in_flight_seq = written if written > done else None
+        self.next_seq = start_seq if start_seq is not None else max(done, written) + 1
         self.n_commits = 0
 
-    def commit(self, files: pa.Table, segments: pa.Table, entries: Iterable[CommittedFile]) -> CommitRecord:
-        files = schemas.conform(files, schemas.FILES)
+    def in_flight_file_ids(self) -> list[str]:
+        """The files of the interrupted commit (segments written, files not), from its metadata."""
+        if self.in_flight_seq is None:
+            return []
+        dt_ = self.tables["segments"]
+        limit = 16
+        while True:
+            hist = dt_.history(limit)
+            for h in hist:
+                if h.get("run_id") == self.run_id and str(h.get("seq")) == str(self.in_flight_seq):
+                    return [i for i in str(h.get("file_ids", "")).split(",") if i]
+            if len(hist) < limit:
+                return []
+            limit *= 4
+
+    def settle_in_flight(self, redo_ids: Iterable[str]) -> list[str]:
+        """After a crash between the two table commits: remove the interrupted commit's segment
+        rows of files this attempt will not process again (their input vanished or another run
+        committed them); the others are replaced when their redo commits. Returns the ids removed."""
+        stale = sorted(set(self.in_flight_file_ids()) - set(redo_ids))
+        if stale:
+            pred = f"run_id = {_sql_str(self.run_id)} AND {_id_predicate(stale)}"
+            props = CommitProperties(custom_metadata={"run_id": self.run_id, "seq": str(self.in_flight_seq),
+                                                      "salmonn_pipeline.operation": "settle interrupted commit"},
+                                     app_transactions=[Transaction(self.run_id, self.in_flight_seq)])
+            dt_ = self.tables["segments"]
+            _retry_conflicts("settle segments", lambda: dt_.delete(pred, commit_properties=props),
+                             dt_.update_incremental, COMMIT_ATTEMPTS)
+            log.info("removed the segment rows of %d file(s) of interrupted commit %d", len(stale), self.in_flight_seq)
+        return stale
+
+    def commit(self, files: pa.Table, segments: pa.Table, entries: Iterable[CommittedFile]) -> Commit:
+        entries = list(entries)
+        files = _with_ledger_columns(schemas.conform(files, schemas.FILES), entries)
         segments = schemas.conform(segments, schemas.SEGMENTS)
         schemas.check_values("files", files)
         schemas.check_values("segments", segments)
+        ids = sorted(files["file_id"].to_pylist())
+        stray = set(segments["file_id"].to_pylist()) - set(ids)
+        if stray:
+            raise ValueError(f"segments rows of files not in this commit: {sorted(stray)[:5]}")
+        # rows in URI order: data files cover narrow URI ranges, which the Delta log's statistics
+        # let readers skip
+        files = files.sort_by([("uri", "ascending")])
+        segments = segments.sort_by([("uri", "ascending"), ("segment_index", "ascending"), ("task", "ascending")])
         seq = self.next_seq
-        token = secrets.token_hex(4)
-        files_rel = f"files/run_id={self.run_id}/part-{seq:06d}-{token}.parquet"
-        segs_rel = f"segments/run_id={self.run_id}/part-{seq:06d}-{token}.parquet"
-        self.store.write_table(self.store.path(files_rel), files)
-        self.store.write_table(self.store.path(segs_rel), segments)
-        entries = tuple(dataclasses.replace(e, run_id=self.run_id, seq=seq) for e in entries)
-        record = CommitRecord(
-            run_id=self.run_id,
-            seq=seq,
-            files_part=files_rel,
-            segments_part=segs_rel,
-            n_files=files.num_rows,
-            n_segments=segments.num_rows,
-            committed_at=utcnow().isoformat(),
-            files=entries,
-        )
-        rec_path = posixpath.join(self.store.run_dir(self.run_id), COMMITS_DIR, f"{seq:06d}.json")
-        self.store.write_bytes(rec_path, record.to_json().encode())
+        versions = {}
+        for name, data in (("segments", segments), ("files", files)):
+            versions[name] = self._write(name, data, ids, seq)
         self.next_seq += 1
         self.n_commits += 1
-        log.debug("committed seq %d: %d files, %d segment rows", seq, files.num_rows, segments.num_rows)
-        return record
+        log.debug("committed seq %d: %d files, %d segment rows (versions %s)", seq, files.num_rows,
+                  segments.num_rows, versions)
+        return Commit(self.run_id, seq, files.num_rows, segments.num_rows, versions)
+
+    def _write(self, name: str, data: pa.Table, ids: Sequence[str], seq: int) -> int:
+        dt_ = self.tables[name]
+        props = CommitProperties(
+            custom_metadata={"run_id": self.run_id, "seq": str(seq), "file_ids": ",".join(ids)},
+            app_transactions=[Transaction(self.run_id, seq)])
+        data = data.cast(_table_schema(name))
+
+        def write() -> int:
+            write_deltalake(dt_, data, mode="overwrite", predicate=_id_predicate(ids),
+                            writer_properties=WRITER_PROPERTIES, commit_properties=props)
+            return dt_.version()
+
+        return _retry_conflicts(f"commit {seq} to {name}", write, dt_.update_incremental, COMMIT_ATTEMPTS)
+
+    def finish(self) -> dict[str, Any]:
+        """End of a run that committed something: compact the tables and write checkpoints."""
+        if not self.n_commits:
+            return {}
+        report = {}
+        for name, dt_ in self.tables.items():
+            dt_.update_incremental()
+            report[name] = _maintain_table(dt_, name, vacuum_hours=None, target_size=TARGET_FILE_SIZE)
+        return report
 
 
 def iter_runs(store: OutputStore) -> Iterator[dict[str, Any]]:
@@ -366,3 +695,147 @@ def iter_runs(store: OutputStore) -> Iterator[dict[str, Any]]:
         rec = store.read_run(run_id)
         if rec is not None:
             yield rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration from the earlier layout
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    runs: int
+    commits: int
+    files: int            # latest rows written to the files table
+    segments: int
+    parts_moved: int
+    already_done: bool
+
+    def format(self, out: str) -> str:
+        if self.already_done and not self.parts_moved:
+            return f"{out}: already Delta tables, nothing to migrate"
+        return (f"{out}: migrated {self.commits} commits of {self.runs} run(s): {self.files} files and "
+                f"{self.segments} segment rows (the latest result of each file) into Delta tables; "
+                f"{self.parts_moved} old parts kept under {out}/{LEGACY_DIR}/, commit history in each "
+                f"run's run.json")
+
+
+def _latest_commit_of_files(commits: Iterable[CommitRecord]) -> dict[str, tuple[str, int]]:
+    """file_id -> (run_id, seq) of the most recent commit that holds it (runs ordered by run id,
+    which starts with its UTC start time; commits within a run by seq)."""
+    best: dict[str, tuple[str, int]] = {}
+    for c in sorted(commits, key=lambda c: (c.run_id, c.seq)):
+        for f in c.files:
+            best[f.file_id] = (c.run_id, c.seq)
+    return best
+
+
+def _read_legacy_part(store: OutputStore, rel: str) -> pa.Table:
+    for candidate in (rel, posixpath.join(LEGACY_DIR, rel)):
+        try:
+            with store.fs.open(store.path(candidate), "rb") as f:
+                return pq.read_table(f)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"{store.uri(rel)}: a part its commit record lists is missing")
+
+
+def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migration:
+    """Convert an output of the earlier layout into Delta tables, in place.
+
+    1. read every commit record and keep, for each file, the rows of its latest commit (schema
+       v1/v2 rows are conformed: missing columns null; ``version`` from the record);
+    2. copy each part to ``OUT/_legacy/<table>/run_id=<RUN>/`` (nothing is lost);
+    3. write the latest rows as the first version of both tables (application transaction
+       ``salmonn-pipeline-migrate``, so a second attempt does not write them again);
+    4. record each run's commit history in its run.json (``legacy_commits``);
+    5. delete the parts from their old place (Delta would treat them as debris), then move the
+       commit records to ``OUT/_legacy/_runs/<RUN>/commits/``.
+
+    Every step can be repeated: an interrupted migration is finished by running it again.
+    """
+    store = OutputStore(out, storage_options)
+    records = store.legacy_commits()
+    parts = store.legacy_parts()
+    tables = {name: _quiet_table(store, name) for name in TABLE_NAMES}
+    files_dt = tables["files"]
+    done = files_dt is not None and (files_dt.transaction_version(MIGRATE_APP_ID) or 0) >= 1
+    if not records and not parts:
+        return Migration(0, 0, 0, 0, 0, already_done=any(t is not None for t in tables.values()))
+    if not done:
+        for name, table in tables.items():
+            if table is not None and table.version() > 0 and (table.transaction_version(MIGRATE_APP_ID) or 0) < 1:
+                raise RuntimeError(f"{store.uri(name)} already is a Delta table with data: migrate "
+                                   f"converts an output of the earlier layout only")
+
+    best = _latest_commit_of_files(records)
+    entries = {f.file_id: f for c in records for f in c.files if best.get(f.file_id) == (c.run_id, c.seq)}
+    latest: dict[str, list[pa.Table]] = {"files": [], "segments": []}
+    for c in records:
+        keep = pa.array(sorted(f for f, (run, seq) in best.items() if (run, seq) == (c.run_id, c.seq)), pa.string())
+        for name, rel in (("files", c.files_part), ("segments", c.segments_part)):
+            raw = _read_legacy_part(store, rel)
+            t = schemas.conform(raw.select([n for n in raw.column_names if n in schemas.TABLES[name].names]),
+                                schemas.TABLES[name])
+            latest[name].append(t.filter(pc.is_in(t["file_id"], keep)))
+    files = pa.concat_tables(latest["files"]) if latest["files"] else schemas.FILES.empty_table()
+    segments = pa.concat_tables(latest["segments"]) if latest["segments"] else schemas.SEGMENTS.empty_table()
+    if files.num_rows:
+        files = _with_ledger_columns(files, [entries[i] for i in files["file_id"].to_pylist()])
+
+    moved = 0
+    for c in records:
+        for rel in (c.files_part, c.segments_part):
+            src, dst = store.path(rel), store.path(LEGACY_DIR, rel)
+            if store.fs.exists(src) and not store.fs.exists(dst):
+                store.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+                store.fs.copy(src, dst)
+                moved += 1
+
+    for name, data in (("segments", segments), ("files", files)):
+        dt_ = store.open_for_write(name, migrating=True)
+        if (dt_.transaction_version(MIGRATE_APP_ID) or 0) < 1:   # not written by an earlier attempt
+            props = CommitProperties(custom_metadata={"run_id": MIGRATE_APP_ID, "seq": "1",
+                                                      "salmonn_pipeline.operation": "migrate from parts + commit records"},
+                                     app_transactions=[Transaction(MIGRATE_APP_ID, 1)])
+            write_deltalake(dt_, data.sort_by([("uri", "ascending")]).cast(_table_schema(name)), mode="append",
+                            writer_properties=WRITER_PROPERTIES, commit_properties=props)
+            dt_.create_checkpoint()
+
+    by_run: dict[str, list[CommitRecord]] = {}
+    for c in records:
+        by_run.setdefault(c.run_id, []).append(c)
+    for run_id, commits in by_run.items():
+        rec = store.read_run(run_id) or {"run_id": run_id, "status": "unknown"}
+        if "legacy_commits" not in rec:
+            rec["legacy_commits"] = [{
+                "seq": c.seq, "committed_at": c.committed_at, "n_files": c.n_files, "n_segments": c.n_segments,
+                "files_part": posixpath.join(LEGACY_DIR, c.files_part),
+                "segments_part": posixpath.join(LEGACY_DIR, c.segments_part),
+                "files": [{"uri": f.uri, "version": f.version, "config_hash": f.config_hash, "status": f.status,
+                           "error_type": f.error_type} for f in c.files],
+            } for c in commits]
+            store.write_run(rec)
+
+    for p in store.legacy_parts():
+        store.fs.rm(p, recursive=True)
+    for run_id in by_run:   # the records last: until then a second attempt can read them
+        for name in store._legacy_record_names(run_id):
+            dst = store.path(LEGACY_DIR, posixpath.relpath(name, store.root))
+            store.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            store.fs.copy(name, dst)
+            store.fs.rm(name)
+        base = posixpath.join(store.run_dir(run_id), COMMITS_DIR)
+        if store.is_local and store.fs.exists(base):
+            store.fs.rm(base, recursive=True)   # the empty directory (object stores have none)
+    log.info("migrated %s: %d commits, %d files, %d segment rows", out, len(records), files.num_rows,
+             segments.num_rows)
+    return Migration(runs=len(by_run), commits=len(records), files=files.num_rows, segments=segments.num_rows,
+                     parts_moved=moved, already_done=done)
+
+
+def _quiet_table(store: OutputStore, name: str) -> DeltaTable | None:
+    """Table ``name`` or None, without the earlier-layout check (migrate is that layout's reader)."""
+    try:
+        return DeltaTable(store.table_uri(name), storage_options=store.delta_options)
+    except TableNotFoundError:
+        return None

@@ -23,6 +23,7 @@ from fsspec.core import url_to_fs
 
 import salmonn
 from pipelines.decode import DecodeOptions
+from pipelines.vad import DEFAULT_SPEECH_THRESHOLD, PAUSE_SEARCH_S, VAD_ID
 from salmonn.config import NUMERICS, GenerationSettings
 from salmonn.prompts import Task
 
@@ -66,6 +67,9 @@ class PipelineConfig:
     model: str = "tiny"                          # preset name or a directory of model parts
     model_options: Mapping[str, str] = dataclasses.field(default_factory=dict)   # MODEL_OPTIONS keys
     decode: DecodeOptions = DecodeOptions()
+    speech_gate: bool = True                     # VAD on every window; speech tasks skip windows without speech
+    speech_threshold: float = DEFAULT_SPEECH_THRESHOLD   # below this share of speech a window has "no speech"
+    cut_at_pauses: bool = False                  # end each window at the longest speech pause of its last seconds
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # input (fsspec)
     out_storage_options: Mapping[str, Any] | None = None                          # None = input's
     extensions: tuple[str, ...] | None = None
@@ -118,6 +122,12 @@ class PipelineConfig:
         if self.gpus_per_infer_actor is not None:
             _finite("--gpus-per-actor", self.gpus_per_infer_actor, minimum=0.0)
         _finite("--flush-seconds", self.flush_seconds, minimum=0.0)
+        for flag, value in (("--speech-gate", self.speech_gate), ("--cut-at-pauses", self.cut_at_pauses)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag}: must be on or off (a bool), got {value!r}")
+        _finite("--speech-threshold", self.speech_threshold, minimum=0.0)
+        if self.speech_threshold > 1:
+            raise ConfigError(f"--speech-threshold: a share of the window, in [0, 1], got {self.speech_threshold!r}")
         if self.address is not None and not (isinstance(self.address, str) and self.address.strip()):
             raise ConfigError(f"--address: must be 'auto' or HOST:PORT, got {self.address!r}")
         if self.resume_run_id is not None:
@@ -245,16 +255,25 @@ def config_hash_of(cfg: PipelineConfig) -> str:
     """Hash of what changes results: model, tasks and their settings, windowing.
 
     Not the schema version: a schema bump (a new derived column) must not reprocess an archive;
-    older parts are read through ``schemas.conform``."""
+    older parts are read through ``schemas.conform``.
+
+    The speech gate and pause cuts enter the hash only when they are on, so a run with both off
+    has the hash (and the results) of a run from before they existed."""
     tasks = resolve_tasks(cfg.tasks)
     d = cfg.decode
-    return config_hash({
+    parts: dict[str, Any] = {
         "model": cfg.model,
         "model_options": dict(cfg.model_options),
         "tasks": [(t.name, t.prompt, dataclasses.asdict(t.settings)) for t in tasks],
         "decode": {"window_s": d.window_s, "hop_s": d.hop_s, "snap": d.snap_to_silence,
                    "channel_mode": d.channel_mode, "sample_rate": d.sample_rate},
-    })
+    }
+    if cfg.speech_gate:
+        parts["speech_gate"] = {"threshold": cfg.speech_threshold, "vad": VAD_ID,
+                               "speech_tasks": [t.name for t in tasks if t.needs_speech]}
+    if cfg.cut_at_pauses:
+        parts["cut_at_pauses"] = {"search_s": PAUSE_SEARCH_S, "vad": VAD_ID}
+    return config_hash(parts)
 
 
 def check_output(cfg: PipelineConfig, out_storage_options: Mapping[str, Any] | None = None) -> None:

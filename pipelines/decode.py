@@ -26,7 +26,7 @@ import io
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import av
@@ -160,10 +160,17 @@ class Windower:
     next). With ``snap_to_silence`` each cut moves back to the centre of the quietest 20 ms frame
     within the last min(2 s, hop / 2) of the window; the next window starts there (minus the
     overlap, if hop < window).
+
+    ``choose_cut(buffer, earliest)``, when given, is asked first where a full window ends: it
+    returns a cut in [earliest, window] (earliest = window - hop / 2) or None for the default cut
+    (``pipelines.vad.PauseCutter`` cuts at a speech pause).
     """
 
-    def __init__(self, options: DecodeOptions = DecodeOptions(), file_id: str = "", uri: str = ""):
+    def __init__(self, options: DecodeOptions = DecodeOptions(), file_id: str = "", uri: str = "",
+                 choose_cut: Callable[[np.ndarray, int], int | None] | None = None):
         self.file_id, self.uri = file_id, uri
+        self.choose_cut = choose_cut
+        self.earliest_cut = options.window_samples - options.hop_samples // 2
         self.sample_rate = options.sample_rate
         self.window = options.window_samples
         self.overlap = self.window - options.hop_samples
@@ -196,7 +203,11 @@ class Windower:
             self._fill = self._covered = 0
 
     def _emit_full(self) -> Window:
-        cut = self._snap_cut() if self.snap_frames else self.window
+        cut = self.choose_cut(self._buf, self.earliest_cut) if self.choose_cut is not None else None
+        if cut is None:
+            cut = self._snap_cut() if self.snap_frames else self.window
+        elif not self.earliest_cut <= cut <= self.window:
+            raise ValueError(f"choose_cut returned {cut}, outside [{self.earliest_cut}, {self.window}]")
         window = self._make(cut)
         next_start = cut - self.overlap        # >= 1: the snap search stays within hop / 2
         keep = self._fill - next_start
@@ -271,14 +282,16 @@ class _Probe:
 
 
 def decode_file(ref: FileRef, options: DecodeOptions = DecodeOptions(),
-                storage_options: dict | None = None) -> Iterator[Window | FileInfo]:
+                storage_options: dict | None = None, *,
+                choose_cut: Callable[[np.ndarray, int], int | None] | None = None) -> Iterator[Window | FileInfo]:
     """Decode one file into windows, streaming; the last item is its :class:`FileInfo`.
+    ``choose_cut``: the :class:`Windower`'s cut hook.
 
     Never raises for bad input (see the module docstring for statuses and error types).
     Closing the generator early closes the file.
     """
     probe = _Probe()
-    windower = Windower(options, ref.file_id, ref.uri)
+    windower = Windower(options, ref.file_id, ref.uri, choose_cut=choose_cut)
     error: tuple[str, str] | None = None
     try:
         yield from _decode(ref, options, storage_options or {}, probe, windower)

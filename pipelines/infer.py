@@ -27,6 +27,7 @@ import pyarrow as pa
 from pipelines import faults
 from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH, AttemptLedger
 from schemas import stage as st
+from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,20 @@ def windows_from_batch(batch: pa.Table) -> tuple[list[WindowIn], list[dict[str, 
 
 
 class SalmonnPredictor:
-    """Callable: ``WINDOWS`` batch (decode stage) -> ``RESULTS`` batch (to the driver)."""
+    """Callable: ``WINDOWS`` batch (decode stage) -> ``RESULTS`` batch (to the driver).
+
+    Speech gate (``speech_threshold`` set; None = off, every task on every window): a window whose
+    ``speech_ratio`` is below the threshold gets the rows of its speech tasks (``Task.needs_speech``)
+    without generating them (text null, 0 tokens, finish reason ``no_speech``); a digitally silent
+    window (``is_silent``) gets every task's row that way, with finish reason ``silence``; a window
+    without a measured ratio runs every task. A window with no task left is not encoded either.
+    Every window still has one row per task.
+    """
 
     def __init__(self, model: str = "tiny", tasks: Sequence[Any] | None = None, *,
                  device: str | None = None, model_options: dict[str, Any] | None = None,
-                 ledger: AttemptLedger | None = None, max_attempts: int = 2):
+                 ledger: AttemptLedger | None = None, max_attempts: int = 2,
+                 speech_threshold: float | None = None):
         import torch
 
         import salmonn
@@ -82,6 +92,8 @@ class SalmonnPredictor:
         self.max_attempts = max_attempts
         self.windows_encoded = 0   # encoder passes (one per window) — for tests and stats
         self.max_windows: int | None = None   # windows run at once; set when memory ran out
+        self.speech_threshold = speech_threshold
+        self.generations_skipped = 0          # (window, task) rows the speech gate answered
         log.info("SALMONN predictor ready: model %s on %s, tasks %s",
                  self.model_id, device, [t.name for t in self.tasks])
 
@@ -189,24 +201,74 @@ class SalmonnPredictor:
         faults.maybe_run_out_of_memory("infer", len(windows))
         for w in windows:
             faults.maybe_crash("infer", w.uri)
-        lengths = [len(w.samples) for w in windows]
-        wave = np.zeros((len(windows), max(lengths)), dtype=np.float32)  # (B, N)
-        for i, w in enumerate(windows):
-            wave[i, : lengths[i]] = w.samples
-        with torch.inference_mode():
-            embeds = self.model.encode(torch.from_numpy(wave).to(self.device),
-                                       torch.tensor(lengths, device=self.device))  # (B, Q, D)
-            self.windows_encoded += len(windows)
-            generations = self.model.generate_tasks(embeds, self.tasks)
+        plan = [self.tasks_for(w) for w in windows]        # the tasks each window runs
+        run = [i for i, p in enumerate(plan) if p]         # the windows to encode
+        generations: dict[tuple[int, str], Any] = {}       # (window index, task) -> Generation
+        if run:
+            lengths = [len(windows[i].samples) for i in run]
+            wave = np.zeros((len(run), max(lengths)), dtype=np.float32)  # (B, N)
+            for j, i in enumerate(run):
+                wave[j, : lengths[j]] = windows[i].samples
+            with torch.inference_mode():
+                embeds = self.model.encode(torch.from_numpy(wave).to(self.device),
+                                           torch.tensor(lengths, device=self.device))  # (B, Q, D)
+                self.windows_encoded += len(run)
+                if all(len(plan[i]) == len(self.tasks) for i in run):   # nothing gated among these
+                    out = self.model.generate_tasks(embeds, self.tasks)
+                    generations = {(i, name): gens[j] for name, gens in out.items() for j, i in enumerate(run)}
+                else:
+                    generations = self._generate_gated(embeds, run, plan)
         rows = []
         for t, task in enumerate(self.tasks):
-            for w, g in zip(windows, generations[task.name]):
+            for i, w in enumerate(windows):
+                g = generations.get((i, task.name))
+                if g is None:
+                    self.generations_skipped += 1
                 rows.append({
                     "kind": st.KIND_SEGMENT, "file_id": w.file_id, "uri": w.uri, "segment_index": w.segment_index,
                     "start_s": w.start_s, "end_s": w.end_s, "task": task.name, "prompt": task.prompt,
-                    "text": g.text, "lora_scale": float(task.settings.lora_scale),
-                    "num_beams": int(task.settings.num_beams), "n_output_tokens": int(g.n_tokens),
-                    "finish_reason": g.finish_reason, "speech_ratio": w.speech_ratio,
+                    "text": g.text if g is not None else None, "lora_scale": float(task.settings.lora_scale),
+                    "num_beams": int(task.settings.num_beams),
+                    "n_output_tokens": int(g.n_tokens) if g is not None else 0,
+                    "finish_reason": g.finish_reason if g is not None else (
+                        FINISH_SILENCE if w.is_silent else FINISH_NO_SPEECH),
+                    "speech_ratio": w.speech_ratio,
                     "file_info": w.file_info if t == 0 else None,  # passed on once per window
                 })
         return rows
+
+    def tasks_for(self, w: WindowIn) -> list[Any]:
+        """The tasks the speech gate lets ``w`` run: all of them with the gate off (or no ratio
+        measured), none on digital silence, only those that do not need speech below the
+        threshold."""
+        if self.speech_threshold is None:
+            return self.tasks
+        if w.is_silent:
+            return []
+        if w.speech_ratio is None or w.speech_ratio >= self.speech_threshold:
+            return self.tasks
+        return [t for t in self.tasks if not t.needs_speech]
+
+    def _generate_gated(self, embeds: Any, run: list[int], plan: list[list[Any]]) -> dict[tuple[int, str], Any]:
+        """``generate_tasks`` where each task runs on its own subset of the encoded windows: tasks
+        with equal settings still share one batched generate call, of only the rows they need."""
+        import torch
+
+        groups: dict[Any, list[Any]] = {}
+        for task in self.tasks:
+            groups.setdefault(task.settings, []).append(task)
+        out: dict[tuple[int, str], Any] = {}
+        for settings, group in groups.items():
+            keys, index, prompts = [], [], []
+            for task in group:
+                for j, i in enumerate(run):
+                    if task in plan[i]:
+                        keys.append((i, task.name))
+                        index.append(j)
+                        prompts.append(task.prompt)
+            if not keys:
+                continue
+            rows = embeds.index_select(0, torch.tensor(index, device=embeds.device))   # (R, Q, D)
+            for key, g in zip(keys, self.model.generate(rows, prompts, settings), strict=True):
+                out[key] = g
+        return out

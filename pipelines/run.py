@@ -116,8 +116,10 @@ def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **ext
         "config_hash": chash,
         "pipeline_version": pipelines.__version__,
         "schema_version": schemas.SCHEMA_VERSION,
-        "tasks": [{"name": t.name, "prompt": t.prompt, **dataclasses.asdict(t.settings)} for t in tasks],
+        "tasks": [{"name": t.name, "prompt": t.prompt, **dataclasses.asdict(t.settings),
+                   "needs_speech": t.needs_speech} for t in tasks],
         "decode": dataclasses.asdict(cfg.decode),
+        "speech_gate": {"on": cfg.speech_gate, "threshold": cfg.speech_threshold, "cut_at_pauses": cfg.cut_at_pauses},
         "storage_options": cm.redact(cfg.storage_options),
         "out_storage_options": cm.redact(cfg.out_storage_options) if cfg.out_storage_options is not None else None,
         "batch_size": cfg.batch_size,
@@ -128,6 +130,24 @@ def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **ext
 # ---------------------------------------------------------------------------------------------
 # Tables for one commit
 # ---------------------------------------------------------------------------------------------
+
+def speech_seconds(segments: Sequence[Mapping[str, Any]]) -> float | None:
+    """Seconds of speech in a file from its windows' speech ratios: each ratio applies to the part
+    of its window before the next window starts (windows overlap when hop < window). None when no
+    window has a ratio (the speech gate was off)."""
+    spans = {s["segment_index"]: (s["start_s"], s["end_s"], s["speech_ratio"])
+             for s in segments if s.get("speech_ratio") is not None}
+    if not spans:
+        return None
+    order = sorted(spans)
+    total = 0.0
+    for k, i in enumerate(order):
+        start, end, ratio = spans[i]
+        if k + 1 < len(order):
+            end = min(end, spans[order[k + 1]][0])
+        total += float(ratio) * max(0.0, end - start)
+    return total
+
 
 def file_status(done: CompleteFile) -> tuple[str, str | None, str | None]:
     """(status, error_type, error_message) of a complete file, inference failures included."""
@@ -180,6 +200,7 @@ def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, c
         "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
         "run_id": run_id, "model_id": model_id, "config_hash": chash,
         "pipeline_version": pipelines.__version__, "processed_at": now,
+        "speech_s": speech_seconds(d.segments),
     }], schema=schemas.FILES), schemas.FILES)
     segs = schemas.conform(pa.Table.from_pylist(
         [{**s, "run_id": run_id, "model_id": model_id, "label": segment_label(s["task"], s["text"])}
@@ -425,7 +446,8 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         DecodeStage,
         fn_constructor_kwargs={"options": cfg.decode, "storage_options": dict(cfg.storage_options),
                                "windows_per_batch": cfg.windows_per_batch,
-                               "ledger": ledger, "max_attempts": cfg.crash_attempts},
+                               "ledger": ledger, "max_attempts": cfg.crash_attempts,
+                               "speech_gate": cfg.speech_gate, "cut_at_pauses": cfg.cut_at_pauses},
         batch_size=1,
         batch_format="pyarrow",
         zero_copy_batch=True,
@@ -436,7 +458,8 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     ds = ds.map_batches(
         SalmonnPredictor,
         fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
-                               "ledger": ledger, "max_attempts": cfg.crash_attempts},
+                               "ledger": ledger, "max_attempts": cfg.crash_attempts,
+                               "speech_threshold": cfg.speech_threshold if cfg.speech_gate else None},
         batch_size=batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

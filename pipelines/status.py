@@ -1,4 +1,4 @@
-"""`salmonn-pipeline status OUT`: runs, counts and error types, from manifest-listed parts only."""
+"""`salmonn-pipeline status OUT`: runs, counts and error types, from the Delta tables and run records."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import collections
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
+
+import pyarrow.compute as pc
 
 from pipelines import commit as cm
 
@@ -17,28 +19,35 @@ class RunStatus:
     started_at: str | None
     finished_at: str | None
     resumes: int
-    n_commits: int
-    files: dict[str, int]          # status -> count (committed, listed parts only)
+    n_commits: int                 # complete driver commits (the files table's transaction version)
+    files: dict[str, int]          # status -> count of this run's rows in the latest view
     error_types: dict[str, int]
-    segment_rows: int
+    segment_rows: int              # this run's rows in the latest segments view
     audio_hours: float
-    unlisted_parts: int            # debris of interrupted commits, ignored
 
 
 def run_statuses(store: cm.OutputStore) -> list[RunStatus]:
+    runs = store.list_runs()
+    files_dt = store.table("files")
+    files = store.read_table("files", columns=["run_id", "status", "error_type", "duration_s"])
+    seg_runs = store.read_table("segments", columns=["run_id"])["run_id"]
+    seg_counts = {d["values"]: d["counts"] for d in pc.value_counts(seg_runs).to_pylist()} if len(seg_runs) else {}
+    by_run: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for row in files.to_pylist():
+        by_run[row["run_id"]].append(row)
     out = []
-    for run_id in store.list_runs():
+    for run_id in runs:
         rec = store.read_run(run_id) or {}
-        commits = store.commits(run_id)
-        files = store.read_parts("files", commits)
-        by_status = collections.Counter(files["status"].to_pylist())
-        errors = collections.Counter(e for e in files["error_type"].to_pylist() if e)
-        audio_s = sum(d or 0.0 for d in files["duration_s"].to_pylist())
+        rows = by_run.get(run_id, [])
+        n_commits = (files_dt.transaction_version(run_id) or 0) if files_dt is not None else 0
         out.append(RunStatus(
             run_id=run_id, status=rec.get("status", "unknown"), started_at=rec.get("started_at"),
-            finished_at=rec.get("finished_at"), resumes=len(rec.get("resumes", [])), n_commits=len(commits),
-            files=dict(by_status), error_types=dict(errors), segment_rows=sum(c.n_segments for c in commits),
-            audio_hours=audio_s / 3600, unlisted_parts=len(store.orphan_parts(run_id)),
+            finished_at=rec.get("finished_at"), resumes=len(rec.get("resumes", [])),
+            n_commits=n_commits or len(rec.get("legacy_commits", [])),
+            files=dict(collections.Counter(r["status"] for r in rows)),
+            error_types=dict(collections.Counter(r["error_type"] for r in rows if r["error_type"])),
+            segment_rows=seg_counts.get(run_id, 0),
+            audio_hours=sum(r["duration_s"] or 0.0 for r in rows) / 3600,
         ))
     return out
 
@@ -48,7 +57,8 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
     runs = run_statuses(store)
     if not runs:
         return f"{out}: no runs"
-    lines = [f"{out}: {len(runs)} run(s)"]
+    lines = [f"{out}: {len(runs)} run(s) (counts: each run's rows in the latest view; a file processed "
+             f"again counts for the newer run)"]
     for r in runs:
         files = ", ".join(f"{k} {v}" for k, v in sorted(r.files.items())) or "no files"
         errs = ", ".join(f"{k} {v}" for k, v in sorted(r.error_types.items())) or "none"
@@ -57,9 +67,19 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
             f"{f'  resumed x{r.resumes}' if r.resumes else ''}\n"
             f"      {r.n_commits} commits | files: {files} | error types: {errs} | "
             f"{r.segment_rows} segment rows | {r.audio_hours:.3f} audio h"
-            + (f" | {r.unlisted_parts} unlisted part(s) ignored" if r.unlisted_parts else "")
         )
-    latest = store.read_table("files", latest=True)
+    latest = store.read_table("files", columns=["status"])
     c = collections.Counter(latest["status"].to_pylist())
     lines.append(f"latest view: {latest.num_rows} files ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})")
+    tables = []
+    for name in cm.TABLE_NAMES[::-1]:
+        dt_ = store.table(name)
+        if dt_ is None:
+            continue
+        untracked = store.untracked_files(name)
+        tables.append(f"{name} version {dt_.version()}, {len(store.data_files(name))} data files"
+                      + (f", {len(untracked)} untracked file(s) ignored (`salmonn-pipeline maintain "
+                         f"--vacuum-hours H` removes them)" if untracked else ""))
+    if tables:
+        lines.append("Delta tables: " + "; ".join(tables))
     return "\n".join(lines)

@@ -27,6 +27,9 @@ from schemas.vocabulary import (
 #        other tasks). Version-1 parts still read: conform() fills the missing column with nulls.
 #   "3"  files gain ``version``: the input's version as listed (FileRef.version: ETag, or size +
 #        mtime), so the incremental ledger is a column scan of the files table.
+#        The speech gate: segments gain ``speech_ratio`` (the window's share of speech, silero-vad),
+#        files gain ``speech_s`` (seconds of speech in the file); both null when the gate is off.
+#        finish_reason gains ``no_speech`` and ``silence`` (rows the gate answered without the model).
 SCHEMA_VERSION = "3"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
@@ -59,6 +62,7 @@ FILES = _with_version([
     pa.field("pipeline_version", pa.string()),
     pa.field("processed_at", _TS),
     pa.field("version", pa.string()),          # v3: the input's version (FileRef.version) when processed
+    pa.field("speech_s", pa.float64()),        # v3: seconds of speech (VAD) in the file; null: gate off
 ])
 
 # One row per (file, segment, task).
@@ -78,6 +82,7 @@ SEGMENTS = _with_version([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("model_id", pa.string()),
     pa.field("label", pa.string()),            # v2: emotion label (EMOTION_LABELS) or null
+    pa.field("speech_ratio", pa.float32()),    # v3: share of the window inside speech (VAD); null: gate off
 ])
 
 TABLES: dict[str, pa.Schema] = {"files": FILES, "segments": SEGMENTS}

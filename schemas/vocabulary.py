@@ -24,7 +24,11 @@ STATUSES = (STATUS_OK, STATUS_PARTIAL, STATUS_ERROR)
 # --- segments.finish_reason -----------------------------------------------------------------
 FINISH_STOP = "stop"      # the model emitted its end-of-sequence token
 FINISH_LENGTH = "length"  # max_new_tokens reached
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
+# The speech gate (--speech-gate on) writes these rows without generating: text null, 0 tokens.
+FINISH_NO_SPEECH = "no_speech"  # a task that needs speech, on a window whose speech ratio is below the threshold
+FINISH_SILENCE = "silence"      # any task, on a digitally silent window (no sample above one 16-bit LSB)
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_NO_SPEECH, FINISH_SILENCE)
+FINISH_SKIPPED = (FINISH_NO_SPEECH, FINISH_SILENCE)   # rows the gate answered without the model
 
 # --- segments.label (emotion task rows; pipelines.labels maps the free-text answer onto them) --
 EMOTION_LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised", "other")

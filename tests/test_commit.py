@@ -1,9 +1,9 @@
-"""Commit protocol: manifest-listed parts only, latest view, ledger, redaction (no Ray)."""
+"""Commit protocol on Delta tables: latest view, ledger, resume of an interrupted commit,
+redaction (no Ray)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +13,7 @@ import schemas
 from pipelines import commit as cm
 
 
-def _tables(run_id: str, uris: list[str], n_seg: int = 2, text: str = "t"):
+def _tables(run_id: str, uris: list[str], n_seg: int = 2, text: str = "t", version: str = "v1"):
     files = pa.Table.from_pylist([
         {"file_id": f"id-{u}", "uri": u, "status": "ok", "run_id": run_id, "n_segments": n_seg,
          "duration_s": 30.0 * n_seg, "config_hash": "h"} for u in uris
@@ -23,60 +23,124 @@ def _tables(run_id: str, uris: list[str], n_seg: int = 2, text: str = "t"):
          "task": "caption", "text": f"{text}-{u}-{i}", "finish_reason": "stop", "run_id": run_id}
         for u in uris for i in range(n_seg)
     ], schema=schemas.SEGMENTS)
-    entries = [cm.CommittedFile(file_id=f"id-{u}", uri=u, version="v1", config_hash="h", status="ok",
+    entries = [cm.CommittedFile(file_id=f"id-{u}", uri=u, version=version, config_hash="h", status="ok",
                                 error_type=None, run_id=run_id, seq=0) for u in uris]
     return files, segs, entries
 
 
-def test_commit_roundtrip_and_schema_metadata(tmp_path):
+def test_commit_roundtrip_and_schema_version(tmp_path):
     store = cm.OutputStore(str(tmp_path / "out"))
+    assert store.read_table("files").num_rows == 0 and store.ledger() == {}
     c = cm.Committer(store, "run1")
     rec = c.commit(*_tables("run1", ["a", "b"]))
-    assert rec.seq == 1 and rec.n_files == 2 and rec.n_segments == 4
+    assert (rec.seq, rec.n_files, rec.n_segments) == (1, 2, 4)
     files = store.read_table("files")
-    segs = store.read_table("segments")
     assert sorted(files["uri"].to_pylist()) == ["a", "b"]
-    assert segs.num_rows == 4
-    # every part on disk carries the schema version
-    part = tmp_path / "out" / rec.segments_part
-    assert schemas.schema_version(pq.read_schema(part)) == schemas.SCHEMA_VERSION
-    # and no temporary files are left behind
-    leftovers = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.startswith(".tmp-")]
-    assert leftovers == []
+    assert files["version"].to_pylist() == ["v1", "v1"]           # from the ledger entries
+    assert store.read_table("segments").num_rows == 4
+    assert schemas.schema_version(files.schema) == schemas.SCHEMA_VERSION
+    # where the schema version is: every data file's file_id field metadata, and the table's configuration
+    for name in ("files", "segments"):
+        paths = store.data_files(name)
+        assert paths and all(p.endswith(".parquet") for p in paths)
+        for p in paths:
+            s = pq.read_schema(p)
+            assert s.field("file_id").metadata == {schemas.METADATA_KEY: schemas.SCHEMA_VERSION.encode()}
+            assert cm.data_file_schema_version(s) == schemas.SCHEMA_VERSION
+            assert pq.ParquetFile(p).metadata.row_group(0).column(0).compression == "ZSTD"
+        assert cm.table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
+    # both Delta commits carry the run's application transaction and commit metadata
+    for name in ("files", "segments"):
+        dt = store.table(name)
+        assert dt.transaction_version("run1") == 1
+        last = dt.history(1)[0]
+        assert (last["run_id"], last["seq"], last["file_ids"]) == ("run1", "1", "id-a,id-b")
 
 
-def test_unlisted_part_is_ignored_and_removed(tmp_path):
+def test_reprocessed_file_replaces_its_rows(tmp_path):
     store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, "run1").commit(*_tables("run1", ["a"]))
-    # a part written by a commit that crashed before its record: same layout, not in the manifest
-    files, segs, _ = _tables("run1", ["ghost"])
-    orphan = tmp_path / "out" / "segments" / "run_id=run1" / "part-000002-deadbeef.parquet"
-    pq.write_table(segs, orphan)
-    assert "ghost" not in store.read_table("segments")["uri"].to_pylist()
-    assert store.orphan_parts("run1") == [str(orphan)]
-    assert store.remove_orphans("run1") == [str(orphan)]
-    assert not orphan.exists()
-    assert store.read_table("segments")["uri"].to_pylist() == ["a", "a"]
+    cm.Committer(store, "20260101T000000Z-aaaaaa").commit(*_tables("20260101T000000Z-aaaaaa", ["a", "b"], text="old"))
+    new = cm.Committer(store, "20260102T000000Z-bbbbbb")
+    new.commit(*_tables("20260102T000000Z-bbbbbb", ["a"], n_seg=3, text="new", version="v2"))
+    latest = store.read_table("segments")
+    texts = sorted((r["uri"], r["segment_index"], r["text"]) for r in latest.to_pylist())
+    assert texts == [("a", 0, "new-a-0"), ("a", 1, "new-a-1"), ("a", 2, "new-a-2"),
+                     ("b", 0, "old-b-0"), ("b", 1, "old-b-1")]
+    ledger = store.ledger()
+    assert (ledger["a"].version, ledger["a"].run_id) == ("v2", "20260102T000000Z-bbbbbb")
+    assert (ledger["b"].version, ledger["b"].run_id) == ("v1", "20260101T000000Z-aaaaaa")
+    # the older run's rows as of its last commit are still there (Delta time travel)
+    old = store.read_run_rows("segments", "20260101T000000Z-aaaaaa")
+    assert sorted(old["text"].to_pylist()) == ["old-a-0", "old-a-1", "old-b-0", "old-b-1"]
+    assert store.read_table("segments", run_id="20260101T000000Z-aaaaaa").num_rows == 2
+    # an error result removes the file's old segments
+    files, _, entries = _tables("20260103T000000Z-cccccc", ["b"], n_seg=0)
+    files = files.set_column(files.schema.get_field_index("status"), "status", pa.array(["error"]))
+    cm.Committer(store, "20260103T000000Z-cccccc").commit(files, schemas.SEGMENTS.empty_table(), entries)
+    assert sorted(store.read_table("segments")["uri"].to_pylist()) == ["a", "a", "a"]
+    assert store.read_table("files").num_rows == 2
 
 
 def test_committer_continues_sequence(tmp_path):
     store = cm.OutputStore(str(tmp_path / "out"))
     cm.Committer(store, "r").commit(*_tables("r", ["a"]))
     c2 = cm.Committer(store, "r")
-    assert c2.next_seq == 2
+    assert (c2.next_seq, c2.in_flight_seq) == (2, None)
     assert c2.commit(*_tables("r", ["b"])).seq == 2
-    assert [c.seq for c in store.commits("r")] == [1, 2]
+    assert store.committed_seq("r") == 2 and store.committed_seq("other") == 0
 
 
-def test_latest_view_prefers_newer_run(tmp_path):
+def test_interrupted_commit_is_redone_without_duplicates(tmp_path):
+    """A crash between the segments commit and the files commit: resume redoes those files; the
+    redo replaces the segment rows the interrupted commit wrote; files no longer listed lose them."""
     store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, "20260101T000000Z-aaaaaa").commit(*_tables("20260101T000000Z-aaaaaa", ["a", "b"], text="old"))
-    cm.Committer(store, "20260102T000000Z-bbbbbb").commit(*_tables("20260102T000000Z-bbbbbb", ["a"], text="new"))
-    latest = store.read_table("segments", latest=True)
-    texts = {(r["uri"], r["segment_index"]): r["text"] for r in latest.to_pylist()}
-    assert texts == {("a", 0): "new-a-0", ("a", 1): "new-a-1", ("b", 0): "old-b-0", ("b", 1): "old-b-1"}
+    c = cm.Committer(store, "r")
+    c.commit(*_tables("r", ["a"]))
+    # seq 2 dies after its segments commit: write only that half, as _write does
+    files, segs, entries = _tables("r", ["b", "gone"])
+    c._write("segments", schemas.conform(segs, schemas.SEGMENTS), ["id-b", "id-gone"], 2)
     assert store.read_table("segments").num_rows == 6
-    assert schemas.schema_version(latest.schema) == schemas.SCHEMA_VERSION
+    assert set(store.ledger()) == {"a"}              # b and gone are not done
+
+    resumed = cm.Committer(store, "r")
+    assert (resumed.in_flight_seq, resumed.next_seq) == (2, 3)
+    assert resumed.in_flight_file_ids() == ["id-b", "id-gone"]
+    # this attempt lists b again but not "gone": gone's stale rows go, b's wait for its redo
+    assert resumed.settle_in_flight(["id-b"]) == ["id-gone"]
+    assert sorted(store.read_table("segments")["uri"].to_pylist()) == ["a", "a", "b", "b"]
+    resumed.commit(*_tables("r", ["b"], n_seg=3, text="redo"))
+    segs = store.read_table("segments").to_pylist()
+    keys = [(s["file_id"], s["segment_index"], s["task"]) for s in segs]
+    assert len(keys) == len(set(keys)) == 5
+    assert sorted(s["text"] for s in segs if s["uri"] == "b") == ["redo-b-0", "redo-b-1", "redo-b-2"]
+    assert store.committed_seq("r") == 3 and cm.Committer(store, "r").in_flight_seq is None
+
+
+def test_old_layout_is_refused_with_the_migrate_command(tmp_path):
+    out = tmp_path / "out"
+    part = out / "files" / "run_id=20250101T000000Z-old111" / "part-000001-aa.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(_tables("20250101T000000Z-old111", ["a"])[0], part)
+    store = cm.OutputStore(str(out))
+    with pytest.raises(cm.OldLayoutError, match=f"salmonn-pipeline migrate {out}"):
+        store.read_table("files")
+    with pytest.raises(cm.OldLayoutError):
+        cm.Committer(store, "r")
+
+
+def test_schema_evolution_adds_columns(tmp_path):
+    """A table created by an older schema (no files.version) gains the column on the next commit."""
+    from deltalake import DeltaTable
+
+    store = cm.OutputStore(str(tmp_path / "out"))
+    old = pa.schema([f for f in schemas.FILES if f.name != "version"])
+    DeltaTable.create(store.table_uri("files"), old, configuration={cm.SCHEMA_VERSION_KEY: "2"},
+                      raise_if_key_not_exists=False)
+    cm.Committer(store, "r").commit(*_tables("r", ["a"]))
+    dt = store.table("files")
+    assert "version" in [f.name for f in dt.schema().fields]
+    assert cm.table_schema_version(dt) == schemas.SCHEMA_VERSION
+    assert store.ledger()["a"].version == "v1"
 
 
 def test_conform_rejects_bad_tables():
