@@ -35,9 +35,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from salmonn.config import SAMPLE_RATE  # 16 kHz: the VAD model's 16 kHz branch, and the windows' rate
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000                # Hz; the model's 16 kHz branch
 FRAME = 512                         # samples per VAD frame (32 ms at 16 kHz)
 CONTEXT = 64                        # samples of the previous frame each frame is given
 FRAME_S = FRAME / SAMPLE_RATE
@@ -56,6 +57,9 @@ STATE = 128                         # LSTM width
 # Noise.wav, music-like signals and silence give 0.000 (no frame reaches 0.35); one 1.4 s ALSA
 # voice announcement in 30 s gives 0.035-0.042; windows with >= 20% espeak speech give >= 0.13.
 DEFAULT_SPEECH_THRESHOLD = 0.02
+
+# What the config hash records about the detector: a change here changes which windows are gated.
+VAD_ID = f"silero-vad v6 16k, p>={SPEECH_PROB}, min speech {MIN_SPEECH_S}s, min silence {MIN_SILENCE_S}s"
 
 RUNTIMES = ("onnx", "jit")
 WEIGHT_FILES = {"onnx": "silero_vad_16k_sequence.onnx", "jit": "silero_vad.jit"}

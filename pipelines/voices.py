@@ -19,7 +19,8 @@ import subprocess
 import av
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from salmonn.config import SAMPLE_RATE
+
 ALSA_SOUNDS = "/usr/share/sounds/alsa"
 # ALSA's recordings of a voice naming each speaker; Noise.wav in the same folder is pink noise.
 ALSA_VOICES = ("Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left", "Rear_Right",
