@@ -4,6 +4,8 @@
     salmonn-pipeline report OUT [--run RUN_ID] [--html FILE]
     salmonn-pipeline export OUT --format srt|vtt|jsonl|txt [--task transcribe] --to DIR [--where PREFIX]
     salmonn-pipeline weights fetch PRESET --to DIR | verify PRESET DIR [--record] | convert SRC [DST]
+    salmonn-pipeline maintain OUT [--vacuum-hours H] [--target-mib N]
+    salmonn-pipeline migrate OUT
 
 ``pipelines.cli.build_parser`` registers them with ``add_subcommands(sub)``.
 """
@@ -15,13 +17,15 @@ import logging
 import sys
 from typing import Any
 
+from pipelines.commit import OldLayoutError
 from salmonn import weights
 
 log = logging.getLogger(__name__)
 
 
 def add_subcommands(sub: Any) -> None:
-    """Register plan, report, export and weights on the ``add_subparsers()`` object ``sub``."""
+    """Register plan, report, export, weights, maintain and migrate on the ``add_subparsers()``
+    object ``sub``."""
     from pipelines import cli  # the run options and their parsing are shared with `run`
 
     p = sub.add_parser("plan", help="what a run would do: new/changed/unchanged files, audio hours, GPU hours "
@@ -58,6 +62,24 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--to-storage-option", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("maintain", help="compact the output's Delta tables, write checkpoints and, with "
+                                        "--vacuum-hours, delete data files older versions no longer need")
+    p.add_argument("out")
+    p.add_argument("--vacuum-hours", type=float, metavar="H",
+                   help="also vacuum: delete data files that no table version of the last H hours needs "
+                        "(time travel before that ends) and untracked files older than H hours; "
+                        "0 is safe only while nothing else writes to OUT")
+    p.add_argument("--target-mib", type=int, default=128, metavar="N",
+                   help="compact small data files into files of about N MiB (default 128)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_maintain)
+
+    p = sub.add_parser("migrate", help="convert an output written by an earlier version (Parquet parts + "
+                                       "commit records) into Delta tables, in place")
+    p.add_argument("out")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_migrate)
+
     p = sub.add_parser("weights", help="fetch, verify or convert the model's weight files")
     wsub = p.add_subparsers(dest="weights_command", required=True)
     w = wsub.add_parser("fetch", help="download a preset's parts from the hub into DIR, verify, record a manifest")
@@ -93,7 +115,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipelines.plan import plan_json, plan_run
 
     cfg = config_from_args(args)
-    plan = plan_run(cfg, throughput=args.throughput, probe=args.probe)
+    try:
+        plan = plan_run(cfg, throughput=args.throughput, probe=args.probe)
+    except OldLayoutError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 1
     print(plan_json(plan) if args.json else plan.format(show_files=args.files))
     return 0
 
@@ -103,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         data = collect(args.out, args.run, _kv(args.storage_option, "--storage-option"), n_samples=args.samples)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, OldLayoutError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 1
     if args.html:
@@ -118,10 +144,46 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipelines.export import export
 
-    result = export(args.out, fmt=args.format, task=args.task, to=args.to, where=args.where, run_id=args.run,
-                    storage_options=_kv(args.storage_option, "--storage-option"),
-                    to_storage_options=_kv(args.to_storage_option, "--to-storage-option"))
+    try:
+        result = export(args.out, fmt=args.format, task=args.task, to=args.to, where=args.where, run_id=args.run,
+                        storage_options=_kv(args.storage_option, "--storage-option"),
+                        to_storage_options=_kv(args.to_storage_option, "--to-storage-option"))
+    except OldLayoutError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
     print(result.format(args.format, args.task, args.to))
+    return 0
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    from pipelines.commit import OutputStore
+
+    if args.vacuum_hours is not None and args.vacuum_hours < 0:
+        print("maintain: --vacuum-hours must be >= 0", file=sys.stderr)
+        return 2
+    store = OutputStore(args.out, _kv(args.storage_option, "--storage-option"))
+    try:
+        report = store.maintain(vacuum_hours=args.vacuum_hours, target_size=args.target_mib * 2**20)
+    except OldLayoutError as e:
+        print(f"maintain: {e}", file=sys.stderr)
+        return 1
+    if not report:
+        print(f"{args.out}: no Delta tables here")
+        return 1
+    for name, r in report.items():
+        line = (f"{name}: compacted {r['files_removed']} data files into {r['files_added']}, "
+                f"checkpoint at version {r['version']}")
+        if "vacuumed" in r:
+            line += f", vacuum deleted {r['vacuumed']} files"
+        print(line)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pipelines.commit import migrate
+
+    result = migrate(args.out, _kv(args.storage_option, "--storage-option"))
+    print(result.format(args.out))
     return 0
 
 

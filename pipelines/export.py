@@ -1,8 +1,8 @@
 """`salmonn-pipeline export OUT --format srt|vtt|jsonl|txt --task transcribe --to DIR`.
 
-One file per input from the *latest* result of each file (the newest commit that holds it, as
-``OutputStore.read_table(..., latest=True)``), so text of a superseded run never leaks into an
-export. Segments are written in time order with their timestamps:
+One file per input from the *latest* result of each file (the rows of the ``segments`` Delta
+table, ``OutputStore.read_table``), so text of a superseded run never leaks into an export.
+Segments are written in time order with their timestamps:
 
 * ``srt``    SubRip cues ``HH:MM:SS,mmm --> HH:MM:SS,mmm``;
 * ``vtt``    WebVTT (``WEBVTT`` header, ``HH:MM:SS.mmm`` cues);
@@ -179,7 +179,8 @@ def latest_segments(out: str, task: str, *, where: str | None = None, run_id: st
     import pyarrow.compute as pc
 
     store = cm.OutputStore(out, storage_options)
-    table = store.read_table("segments", run_id=run_id, latest=True)
+    # the latest view; with run_id, that run's rows as of its last commit (Delta time travel)
+    table = store.read_run_rows("segments", run_id) if run_id else store.read_table("segments")
     table = table.filter(pc.equal(table["task"], task))
     if where:
         table = table.filter(pc.starts_with(table["uri"], where))

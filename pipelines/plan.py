@@ -275,7 +275,7 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     list_s = time.monotonic() - t0
     out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
     store = cm.OutputStore(cfg.out, out_so)
-    ledger = cm.committed_ledger(store.all_commits()) if store.list_runs() else {}
+    ledger = store.ledger()
     previous = _previous_files(store) if ledger else {}
     kbps = calibrate_kbps(previous.values())
 
@@ -343,7 +343,7 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
 
 def _previous_files(store: cm.OutputStore) -> dict[str, dict[str, Any]]:
     """uri -> latest committed files row (uri, size_bytes, duration_s, status)."""
-    table = store.read_table("files", latest=True).select(["uri", "size_bytes", "duration_s", "status"])
+    table = store.read_table("files", columns=["uri", "size_bytes", "duration_s", "status"])
     return {row["uri"]: row for row in table.to_pylist()}
 
 

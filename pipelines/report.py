@@ -1,8 +1,10 @@
 """`salmonn-pipeline report OUT [--run RUN_ID] [--html FILE]`: look at one run.
 
 Everything comes from the output location itself: the run record (``_runs/<run>/run.json``), the
-manifest-listed ``files`` and ``segments`` parts, and the Ray Data stats text the run saved
-(``_runs/<run>/ray_stats-*.txt``). Nothing is recomputed and no audio is read.
+``files`` and ``segments`` Delta tables (the run's rows as of its last commit, through Delta's
+time travel, so files a later run processed again still count for this run), and the Ray Data
+stats text the run saved (``_runs/<run>/ray_stats-*.txt``). Nothing is recomputed and no audio
+is read.
 
 The HTML page is self-contained: plots are matplotlib figures inlined as SVG (text drawn as
 paths, so no font is fetched), styles are inline, there is no script and no external reference,
@@ -24,8 +26,6 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import pyarrow as pa
 
 import schemas
 from pipelines import commit as cm
@@ -125,8 +125,8 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
     elif run_id not in runs:
         raise FileNotFoundError(f"{out}: no run {run_id!r}; runs: {', '.join(runs)}")
     record = store.read_run(run_id) or {"run_id": run_id, "status": "unknown"}
-    files = store.read_table("files", run_id=run_id)
-    segs = store.read_table("segments", run_id=run_id)
+    files = store.read_run_rows("files", run_id)       # as of the run's last commit (time travel)
+    segs = store.read_run_rows("segments", run_id)
     frows = files.to_pylist()
 
     status_counts = collections.Counter(r["status"] for r in frows)
@@ -146,7 +146,7 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
     for fid, n in zip(seg_cols["file_id"], seg_cols["n_output_tokens"]):
         tokens[fid] += n or 0
 
-    latest_files = store.read_table("files", latest=True)
+    latest_files = store.read_table("files", columns=["status"])
     return ReportData(
         out=out, run_id=run_id, record=record, runs=tuple(runs),
         status_counts=dict(status_counts), error_types=dict(error_types), durations_s=durations,
@@ -263,10 +263,7 @@ def _samples(store: cm.OutputStore, frows: Sequence[Mapping[str, Any]], n: int) 
     if not chosen:
         return []
     wanted = {r["file_id"] for r in chosen}
-    latest = store.read_table("segments", latest=True)
-    import pyarrow.compute as pc
-
-    latest = latest.filter(pc.is_in(latest["file_id"], pa.array(sorted(wanted))))
+    latest = store.read_table("segments", file_ids=wanted)
     by_file: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row in latest.select(["file_id", "start_s", "end_s", "task", "text", "label", "run_id"]).to_pylist():
         by_file[row["file_id"]].append(row)

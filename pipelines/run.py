@@ -531,17 +531,16 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     resumes = list(resumed_rec.get("resumes", [])) if resumed_rec else []
     if resumed_rec is not None:
         resumes.append(cm.utcnow().isoformat())
-        removed = store.remove_orphans(run_id)
-        log.warning("resuming run %s (%d commits so far; removed %d unlisted parts)",
-                    run_id, len(store.commits(run_id)), len(removed))
+        log.warning("resuming run %s (%d commits so far)", run_id, store.committed_seq(run_id))
 
-    ledger = cm.committed_ledger(store.all_commits())
+    ledger = store.ledger()
     todo = [r for r in refs if not cm.is_done(ledger.get(r.uri), r.version, chash)]
     skipped = len(refs) - len(todo)
     by_id = {r.file_id: r for r in refs}
     store.write_run(_run_record(cfg, run_id, chash, cm.RUN_RUNNING, started_at=started, resumes=resumes,
                                 n_inputs=len(refs), n_todo=len(todo), skipped=skipped))
     committer = cm.Committer(store, run_id)
+    committer.settle_in_flight(r.file_id for r in todo)
     progress = Progress(len(todo), cfg.progress)
     buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
@@ -571,6 +570,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                                            "Data logs of this run for the failing task)")
                                 for m in missing])
                 buffer.flush()
+        committer.finish()   # compaction and checkpoints of the tables this run wrote to
         status = cm.RUN_COMPLETED
     except KeyboardInterrupt:
         status = "interrupted"

@@ -73,13 +73,15 @@ def test_incremental_runs(tmp_path, ray_local):
     assert (third.processed, third.skipped) == (2, 11)
 
     store = cm.OutputStore(str(out))
-    files = store.read_table("files")
-    assert files.num_rows == 14  # 12 + the changed one again + the new one
-    latest = store.read_table("files", latest=True)
-    assert latest.num_rows == 13
+    # rows each run wrote (the first run's as of its last commit, through Delta's time travel):
+    # 12 + the changed one again + the new one
+    written = [store.read_run_rows("files", run).num_rows for run in (first.run_id, third.run_id)]
+    assert written == [12, 2]
+    latest = store.read_table("files")    # the table holds each file's latest result only
+    assert latest.num_rows == 13 and len(set(latest["file_id"].to_pylist())) == 13
     changed = [r for r in latest.to_pylist() if r["uri"].endswith("clip04.flac")][0]
     assert changed["run_id"] == third.run_id and changed["duration_s"] == pytest.approx(5.0, abs=0.03)
-    latest_segs = [r for r in store.read_table("segments", latest=True).to_pylist()
+    latest_segs = [r for r in store.read_table("segments").to_pylist()
                    if r["uri"].endswith("clip04.flac")]
     assert {r["run_id"] for r in latest_segs} == {third.run_id}
     assert len(latest_segs) == 3 * 3   # 5 s in 2 s windows x 3 tasks: only the new rows
@@ -95,11 +97,13 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
+        # the files table's version 0 creates it; version 1 is the first complete commit
+        first_commit = str(out / "files" / "_delta_log" / f"{1:020d}.json")
         deadline = time.time() + 240
-        while time.time() < deadline and not glob.glob(str(out / "_runs/*/commits/*.json")):
+        while time.time() < deadline and not glob.glob(first_commit):
             assert proc.poll() is None, "the run ended before its first commit"
             time.sleep(0.2)
-        assert glob.glob(str(out / "_runs/*/commits/*.json")), "no commit within the time limit"
+        assert glob.glob(first_commit), "no commit within the time limit"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -110,8 +114,9 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     store = cm.OutputStore(str(out))
     (run_id,) = store.list_runs()
     assert store.read_run(run_id)["status"] == cm.RUN_RUNNING, "the kill landed after the run had finished"
-    committed_before = {f.file_id for c in store.commits(run_id) for f in c.files}
+    committed_before = set(store.read_table("files")["file_id"].to_pylist())
     assert 0 < len(committed_before) < 10
+    assert 1 <= store.committed_seq(run_id) <= len(committed_before)
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
