@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 from fsspec.core import url_to_fs
+from mutagen.mp3 import skip_id3  # seeks past ID3v2 tags (several, as some taggers stack them)
 
 from pipelines.sources import FileRef, is_local_filesystem
 from salmonn.config import SAMPLE_RATE  # 16 kHz: what Whisper and BEATs (and so SALMONN) take
@@ -386,12 +387,8 @@ def _size_of(f) -> int | None:
 def _has_mp3_length_header(f) -> bool:
     """Whether the file starts (after any ID3v2 tag) with an MPEG audio frame carrying a
     Xing/Info/VBRI header, i.e. a frame count. Reads a few KB and rewinds."""
-    head = f.read(10)
-    start = 0
-    if len(head) == 10 and head[:3] == b"ID3":
-        size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]   # syncsafe
-        start = 10 + size + (10 if head[5] & 0x10 else 0)                      # + footer
-    f.seek(start)
+    f.seek(0)
+    skip_id3(f)
     data = f.read(4096)
     f.seek(0)
     for i in range(len(data) - 1):

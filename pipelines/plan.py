@@ -14,8 +14,9 @@ For the files to process it gives the audio hours, the windows x tasks and a GPU
 Each file's duration comes from, in this order:
 
 1. ``measured``   an earlier run decoded this very version (config changes, retries);
-2. ``header``     the container says so in its first bytes: WAV/RF64, AIFF, FLAC STREAMINFO,
-                  MP3 Xing/Info/VBRI (or a CBR bitrate), MP4/M4A/MOV ``mvhd``. At most
+2. ``header``     the container says so in its first bytes, read by mutagen: WAV, AIFF, FLAC
+                  STREAMINFO, MP3 Xing/Info/VBRI (or a CBR bitrate), MP4/M4A/MOV (the audio
+                  track's ``mdhd``, else ``mvhd``). At most
                   :data:`PROBE_MAX_BYTES` are read per file, never audio samples. Probing is on by
                   default for local inputs only (``probe="auto"``): on object storage it costs one
                   request per file, so ask for it with ``probe="always"``;
@@ -30,18 +31,22 @@ import dataclasses
 import json
 import logging
 import math
-import posixpath
 import statistics
-import struct
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+import mutagen.aiff
+import mutagen.flac
+import mutagen.mp3
+import mutagen.mp4
+import mutagen.wave
 from fsspec.core import url_to_fs
 
 from pipelines import commit as cm
 from pipelines.decode import DECLARED_TOO_LONG_FACTOR
+from pipelines.sources import extension, list_inputs
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +271,6 @@ def plan_run(cfg: Any, *, throughput: float | None = None, probe: str = "auto") 
 def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: float | None = None,
               probe: str = "auto") -> Plan:
     """Plan for config ``cfg`` whose tasks are ``task_names`` and config hash ``chash``."""
-    from pipelines.sources import list_inputs
-
     if probe not in ("auto", "always", "never"):
         raise ValueError(f"probe must be auto, always or never, got {probe!r}")
     t0 = time.monotonic()
@@ -292,7 +295,7 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
             if prev and prev.get("duration_s") and prev.get("size_bytes") == r.size_bytes:
                 durations[r.uri] = (float(prev["duration_s"]), SRC_MEASURED)
     to_probe = [r for r, a in zip(refs, actions) if a in TO_PROCESS and r.uri not in durations
-                and _probe_wanted(r.uri, probe) and _extension(r.uri) in HEADER_PARSERS
+                and _probe_wanted(r.uri, probe) and extension(r.uri) in HEADER_PARSERS
                 and r.size_bytes and (d.max_bytes is None or r.size_bytes <= d.max_bytes)]
     probe_bytes = 0
     if to_probe:
@@ -353,20 +356,16 @@ def calibrate_kbps(rows: Any) -> dict[str, float]:
     for row in rows:
         size, dur = row.get("size_bytes"), row.get("duration_s")
         if row.get("status") == "ok" and size and dur and dur > 0:
-            by_ext[_extension(row["uri"])].append(size * 8 / 1000 / dur)
+            by_ext[extension(row["uri"])].append(size * 8 / 1000 / dur)
     return {ext: statistics.median(v) for ext, v in by_ext.items() if v}
 
 
 def estimate_duration(uri: str, size_bytes: int | None, kbps: Mapping[str, float] | None = None) -> float | None:
     if not size_bytes:
         return None
-    ext = _extension(uri)
+    ext = extension(uri)
     rate = (kbps or {}).get(ext) or DEFAULT_KBPS.get(ext, DEFAULT_KBPS_OTHER)
     return size_bytes * 8 / 1000 / rate
-
-
-def _extension(uri: str) -> str:
-    return posixpath.splitext(uri.rsplit("/", 1)[-1])[1].lower()
 
 
 def _probe_wanted(uri: str, probe: str) -> bool:
@@ -391,21 +390,17 @@ class CappedReader:
     def __init__(self, f: BinaryIO, size: int, cap: int = PROBE_MAX_BYTES):
         self.f, self.size, self.cap, self.nread = f, size, cap, 0
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = max(0, self.size - self.f.tell())
         if self.nread + n > self.cap:
             raise _Budget(f"header probe would read more than {self.cap} bytes")
         data = self.f.read(n)
         self.nread += len(data)
         return data
 
-    def read_exact(self, n: int) -> bytes:
-        data = self.read(n)
-        if len(data) != n:
-            raise EOFError("short read in header")
-        return data
-
-    def seek(self, pos: int) -> None:
-        self.f.seek(pos)
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
 
     def tell(self) -> int:
         return self.f.tell()
@@ -414,7 +409,7 @@ class CappedReader:
 def probe_file(uri: str, size: int | None,
                storage_options: Mapping[str, Any] | None = None) -> tuple[float | None, int]:
     """(duration in seconds the header states or None, bytes read). Never raises."""
-    parser = HEADER_PARSERS.get(_extension(uri))
+    parser = HEADER_PARSERS.get(extension(uri))
     if parser is None or not size:
         return None, 0
     reader = None
@@ -429,158 +424,41 @@ def probe_file(uri: str, size: int | None,
         return None, reader.nread if reader is not None else 0
 
 
-def _skip_id3v2(r: CappedReader) -> int:
-    """Offset of the first byte after an ID3v2 tag at the start (0 if none)."""
-    r.seek(0)
-    head = r.read(10)
-    if len(head) == 10 and head[:3] == b"ID3":
-        size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
-        return 10 + size + (10 if head[5] & 0x10 else 0)
-    return 0
+# Each parser hands the capped reader to mutagen's stream-info reader for its format (never the
+# full file types: those also load tags, whose cover art can be megabytes).
+
+def _pcm_length(info: Any, r: CappedReader) -> float:
+    """A PCM header's length, cut to what the file can hold (a truncated file keeps its header)."""
+    return min(info.length, r.size * 8 / info.bitrate) if info.bitrate else info.length
 
 
 def _wav(r: CappedReader) -> float | None:
-    r.seek(0)
-    riff = r.read_exact(12)
-    if riff[:4] not in (b"RIFF", b"RF64", b"BW64") or riff[8:12] != b"WAVE":
-        return None
-    pos, byte_rate, rate, fact, ds64_data = 12, None, None, None, None
-    for _ in range(64):
-        r.seek(pos)
-        hdr = r.read(8)
-        if len(hdr) < 8:
-            return None
-        cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
-        if cid == b"ds64":
-            ds64_data = struct.unpack("<Q", r.read_exact(16)[8:16])[0]
-        elif cid == b"fmt ":
-            fmt = r.read_exact(16)
-            _tag, _channels, rate, byte_rate = struct.unpack("<HHII", fmt[:12])
-        elif cid == b"fact":
-            fact = struct.unpack("<I", r.read_exact(4))[0]
-        elif cid == b"data":
-            data = ds64_data if size == 0xFFFFFFFF and ds64_data else size
-            data = min(data, max(0, r.size - pos - 8))
-            if fact and rate:
-                return fact / rate
-            return data / byte_rate if byte_rate else None
-        pos += 8 + size + (size & 1)
-    return None
+    return _pcm_length(mutagen.wave.WaveStreamInfo(r), r)
 
 
 def _aiff(r: CappedReader) -> float | None:
-    r.seek(0)
-    form = r.read_exact(12)
-    if form[:4] != b"FORM" or form[8:12] not in (b"AIFF", b"AIFC"):
-        return None
-    pos = 12
-    for _ in range(64):
-        r.seek(pos)
-        hdr = r.read(8)
-        if len(hdr) < 8:
-            return None
-        cid, size = hdr[:4], struct.unpack(">I", hdr[4:])[0]
-        if cid == b"COMM":
-            comm = r.read_exact(18)
-            frames = struct.unpack(">I", comm[2:6])[0]
-            exp = struct.unpack(">H", comm[8:10])[0] & 0x7FFF
-            mant = struct.unpack(">Q", comm[10:18])[0]
-            rate = mant * 2.0 ** (exp - 16383 - 63)
-            return frames / rate if rate > 0 else None
-        pos += 8 + size + (size & 1)
-    return None
+    return _pcm_length(mutagen.aiff.AIFFInfo(r), r)
 
 
 def _flac(r: CappedReader) -> float | None:
-    start = _skip_id3v2(r)
-    r.seek(start)
-    if r.read_exact(4) != b"fLaC":
+    # mutagen.flac.FLAC reads every metadata block (pictures included); STREAMINFO is always the
+    # first block, so read just that one: b"fLaC", a 4-byte block header, 34 bytes of STREAMINFO.
+    mutagen.mp3.skip_id3(r)  # some taggers put an ID3v2 tag before b"fLaC"
+    if r.read(4) != b"fLaC" or r.read(4)[:1] not in (b"\x00", b"\x80"):
         return None
-    block = r.read_exact(4)
-    if block[0] & 0x7F != 0:  # STREAMINFO must come first
-        return None
-    info = r.read_exact(34)
-    bits = int.from_bytes(info[10:18], "big")
-    rate = bits >> 44
-    total = bits & ((1 << 36) - 1)
-    return total / rate if rate and total else None
-
-
-_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
-_MP3_KBPS = {  # (MPEG1?, layer) -> bitrate table
-    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
-    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
-    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
-    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
+    return mutagen.flac.StreamInfo(r.read(34)).length
 
 
 def _mp3(r: CappedReader) -> float | None:
-    start = _skip_id3v2(r)
-    r.seek(start)
-    buf = r.read(4096)
-    for i in range(len(buf) - 4):
-        if buf[i] != 0xFF or (buf[i + 1] & 0xE0) != 0xE0:
-            continue
-        b1, b2, b3 = buf[i + 1], buf[i + 2], buf[i + 3]
-        version, layer_bits, br_idx, sr_idx = (b1 >> 3) & 3, (b1 >> 1) & 3, b2 >> 4, (b2 >> 2) & 3
-        if version == 1 or layer_bits == 0 or br_idx in (0, 15) or sr_idx == 3:
-            continue
-        mpeg1, layer = version == 3, 4 - layer_bits
-        rate = _MP3_RATES[version][sr_idx]
-        spf = 384 if layer == 1 else (1152 if layer == 2 or mpeg1 else 576)
-        mono = (b3 >> 6) == 3
-        side = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
-        frame = buf[i:]
-        for off, tag in ((4 + side, (b"Xing", b"Info")), (36, (b"VBRI",))):
-            if frame[off:off + 4] in tag:
-                if tag[0] == b"VBRI" and len(frame) >= off + 18:
-                    return struct.unpack(">I", frame[off + 14:off + 18])[0] * spf / rate
-                if len(frame) >= off + 12:
-                    flags = struct.unpack(">I", frame[off + 4:off + 8])[0]
-                    if flags & 1:
-                        return struct.unpack(">I", frame[off + 8:off + 12])[0] * spf / rate
-        # CBR: the bitrate of the first frame over the audio bytes (an ID3v1 tag is 128 bytes)
-        kbps = _MP3_KBPS[(mpeg1, layer)][br_idx]
-        return (r.size - start - i) * 8 / (kbps * 1000)
-    return None
+    # skips ID3v2 tags by seeking; the frame count of a Xing/Info/VBRI header, else the first
+    # frames' bit rate over the file's size
+    return mutagen.mp3.MPEGInfo(r).length
 
 
 def _mp4(r: CappedReader) -> float | None:
-    def boxes(start: int, end: int):
-        pos = start
-        for _ in range(256):
-            if pos + 8 > end:
-                return
-            r.seek(pos)
-            size, kind = struct.unpack(">I4s", r.read_exact(8))
-            header = 8
-            if size == 1:
-                size, header = struct.unpack(">Q", r.read_exact(8))[0], 16
-            elif size == 0:
-                size = end - pos
-            if size < header:
-                return
-            yield kind, pos + header, pos + size
-            pos += size
-
-    for kind, body, end in boxes(0, r.size):
-        if kind == b"moov":
-            for child, cbody, _cend in boxes(body, end):
-                if child == b"mvhd":
-                    r.seek(cbody)
-                    version = r.read_exact(1)[0]
-                    if version == 1:
-                        data = r.read_exact(3 + 16 + 12)
-                        timescale, duration = struct.unpack(">IQ", data[19:31])
-                    else:
-                        data = r.read_exact(3 + 8 + 8)
-                        timescale, duration = struct.unpack(">II", data[11:19])
-                    return duration / timescale if timescale else None
-            return None
-    return None
+    # the atom tree is walked by seeking (mdat is never read); the audio track's mdhd duration,
+    # else the movie's mvhd
+    return mutagen.mp4.MP4Info(mutagen.mp4.Atoms(r), r).length
 
 
 HEADER_PARSERS = {

@@ -114,7 +114,8 @@ def _normalise_extensions(extensions: Collection[str] | None) -> frozenset[str] 
     return frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
 
 
-def _extension(path: str) -> str:
+def extension(path: str) -> str:
+    """The lower-case suffix of a path's last component (".mp3"); "" when it has none."""
     return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
 
 
@@ -124,15 +125,15 @@ def _list_one(src: str, storage_options: dict, keep: frozenset[str] | None,
     if _has_magic(path) and not fs.exists(path):  # a literal "[" in a name is not a glob
         infos = fs.glob(path, detail=True)
         files = [i for i in infos.values() if i.get("type") == "file"]
-        return [_ref(fs, i) for i in files if keep is None or _extension(i["name"]) in keep]
+        return [_ref(fs, i) for i in files if keep is None or extension(i["name"]) in keep]
     info = fs.info(path)  # FileNotFoundError propagates: the source itself is wrong
     if info.get("type") == "directory":
         if recursive:
             infos = fs.find(path, detail=True, withdirs=False).values()
         else:
             infos = [i for i in fs.ls(path, detail=True) if i.get("type") == "file"]
-        return [_ref(fs, i) for i in infos if keep is None or _extension(i["name"]) in keep]
-    if _extension(path) in MANIFEST_EXTENSIONS:
+        return [_ref(fs, i) for i in infos if keep is None or extension(i["name"]) in keep]
+    if extension(path) in MANIFEST_EXTENSIONS:
         return _from_manifest(fs, path, storage_options)
     return [_ref(fs, info)]
 
@@ -209,7 +210,7 @@ def _from_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    ext = _extension(path)
+    ext = extension(path)
     if ext == ".parquet":
         import pyarrow.parquet as pq
 

@@ -177,11 +177,15 @@ class BeatsEncoder(nn.Module):
         self.layer_norm_first = cfg.layer_norm_first
         self.layer_norm = nn.LayerNorm(c)
 
+    def _layers(self) -> list[BeatsLayer]:
+        return list(self.layers)  # type: ignore[arg-type]  # an nn.ModuleList of BeatsLayer
+
     def tie_relative_bias(self) -> None:
         """Every layer uses layer 0's bias table (the official model shares the module)."""
         if self.relative_position_embedding:
-            for layer in self.layers[1:]:
-                layer.self_attn.relative_attention_bias = self.layers[0].self_attn.relative_attention_bias
+            first, *rest = self._layers()
+            for layer in rest:
+                layer.self_attn.relative_attention_bias = first.self_attn.relative_attention_bias
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         # x (B, T, C); padding_mask (B, T) True = padding
@@ -193,7 +197,7 @@ class BeatsEncoder(nn.Module):
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        pos_bias = self.layers[0].self_attn.position_bias(x.shape[1]) if self.relative_position_embedding else None
+        pos_bias = self._layers()[0].self_attn.position_bias(x.shape[1]) if self.relative_position_embedding else None
         for layer in self.layers:
             x = layer(x, pad_bias, pos_bias)
         if self.layer_norm_first:

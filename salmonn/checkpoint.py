@@ -28,6 +28,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,9 @@ logger = logging.getLogger(__name__)
 # Module prefixes whose every tensor (parameters and buffers) the SALMONN checkpoint provides.
 TRAINED_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_proj.", "ln_speech.", "ln_audio.")
 # ... plus the LoRA adapters inside the LLM (peft module path, adapter name "default").
-LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.default\.weight$")
+LORA_KEY = re.compile(
+    r"^llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.default\.weight$"
+)
 # Keys the official checkpoints carry that are harmless and ignored: BEATs' relative-position
 # table shared from layer 0 (frozen values, listed under every layer by state_dict) and the HF
 # 4.28 LLaMA rotary buffers (recomputed by transformers).
@@ -91,7 +94,9 @@ def official_state_dict(model: Salmonn) -> dict[str, torch.Tensor]:
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     for i in range(llm.layers):
         out[f"llama_model.base_model.model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
-    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in out.items()}
+    return {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in out.items()
+    }
 
 
 def load_salmonn_checkpoint(
@@ -120,7 +125,9 @@ def load_salmonn_checkpoint(
     if wrong:
         hint = ""
         if any(k.startswith("speech_llama_proj.") for k in wrong):
-            hint = " (speech_llama_proj must match the LLM width: 13B pairs with Vicuna-13B v1.1, 7B with Vicuna-7B v1.5)"
+            hint = (
+                " (speech_llama_proj must match the LLM width: 13B pairs with Vicuna-13B v1.1, 7B with Vicuna-7B v1.5)"
+            )
         problems.append(f"shape mismatches: {'; '.join(wrong)}{hint}")
     if problems:
         raise CheckpointError(f"SALMONN checkpoint {where} does not fit the model: " + " | ".join(problems))
@@ -166,7 +173,8 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> t
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} cannot be read with torch.load(weights_only=True): {err}. If the file comes from a "
-            f"trusted source, convert it once: python -m salmonn.checkpoint convert --trust-pickle {path} OUT.safetensors"
+            f"trusted source, convert it once: "
+            f"python -m salmonn.checkpoint convert --trust-pickle {path} OUT.safetensors"
         ) from err
     if isinstance(obj, Mapping) and "model" in obj:
         extras = {k: v for k, v in obj.items() if k == "cfg"}
@@ -177,7 +185,8 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> t
 
 
 def _weights_dir(config: SalmonnConfig) -> Path:
-    return Path(config.weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or Path.home() / ".cache" / "salmonn").expanduser()
+    default = Path.home() / ".cache" / "salmonn"
+    return Path(config.weights_dir or os.environ.get(WEIGHTS_DIR_ENV) or default).expanduser()
 
 
 def resolve_file(path: str | None, config: SalmonnConfig, what: str) -> Path:
@@ -293,7 +302,7 @@ def load_whisper_encoder(directory: Path, *, device, dtype: torch.dtype, attn_im
     if not state:
         raise CheckpointError(f"Whisper weights in {directory} hold no encoder tensors")
     with torch.device("meta"):
-        encoder = WhisperEncoder(cfg)
+        encoder: nn.Module = WhisperEncoder(cfg)
     _materialise(encoder, state, f"Whisper encoder ({directory})")
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -323,13 +332,15 @@ def load_llm(directory: Path | str, *, device, dtype: torch.dtype, attn_implemen
     from transformers import LlamaForCausalLM
 
     device = torch.device(device)
-    kwargs = {"device_map": {"": device}} if device.type == "cuda" else {}
-    llm = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    kwargs: dict[str, Any] = {"device_map": {"": device}} if device.type == "cuda" else {}
+    llm = LlamaForCausalLM.from_pretrained(
+        str(directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
     clean_generation_config(llm)
     return llm.to(device).eval().requires_grad_(False)
 
 
-def clean_generation_config(llm: nn.Module) -> None:
+def clean_generation_config(llm: Any) -> None:
     """Keep only the special-token ids of the LLM's own generation config (Vicuna's carries
     sampling defaults); every decode setting comes from GenerationSettings."""
     from transformers import GenerationConfig
@@ -394,7 +405,9 @@ def lora_dims_from_state_dict(state: Mapping[str, torch.Tensor], base: LoraDims)
     return dataclasses.replace(base, r=found[0][1][0], targets=targets)
 
 
-def build_salmonn(config: SalmonnConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Salmonn:
+def build_salmonn(
+    config: SalmonnConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Salmonn:
     """Load a full model from the part files named by `config`.
 
     device: default CUDA if available, else CPU. dtype: overrides the config's numerics
@@ -418,7 +431,9 @@ def build_salmonn(config: SalmonnConfig, device: torch.device | str | None = Non
     beats = load_beats(beats_file, device=device, dtype=precision.encoder_dtype)
     logger.info("loading LLM from %s", llm_src)
     try:
-        llm = load_llm(llm_src, device=device, dtype=precision.llm_dtype, attn_implementation=precision.attn_implementation)
+        llm = load_llm(
+            llm_src, device=device, dtype=precision.llm_dtype, attn_implementation=precision.attn_implementation
+        )
         tokenizer = load_tokenizer(llm_src)
     except OSError as err:  # transformers' "not found" for hub ids and broken directories
         raise _hub_error("LLM", str(llm_src), config, err) from err

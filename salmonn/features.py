@@ -37,7 +37,9 @@ FBANK_FRAME = int(SAMPLE_RATE * FBANK_FRAME_MS / 1000)  # 400 samples
 FBANK_SHIFT = int(SAMPLE_RATE * FBANK_SHIFT_MS / 1000)  # 160 samples
 
 
-def prepare_waveforms(waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_waveforms(
+    waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut clips to 30 s, zero-pad clips shorter than 1 s to 1 s, zero everything past a length.
 
     Returns (waveforms (B, N'), lengths (B,) int64 on the waveforms' device).

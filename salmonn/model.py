@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,13 +98,14 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def lora_layers(llama_model: nn.Module) -> list[nn.Module]:
+def lora_layers(llama_model: nn.Module) -> list[Any]:
+    """The peft LoraLayer modules inside ``llama_model``."""
     from peft.tuners.lora import LoraLayer
 
     return [m for m in llama_model.modules() if isinstance(m, LoraLayer)]
 
 
-def place(model: "Salmonn", device: torch.device | str, precision: Precision) -> "Salmonn":
+def place(model: Salmonn, device: torch.device | str, precision: Precision) -> Salmonn:
     """Move the model to `device` with the dtypes of `precision` (LoRA may differ from the LLM)."""
     model.precision = precision
     for name, module in model.named_children():
@@ -147,7 +149,8 @@ class Salmonn(nn.Module):
         self.speech_query_tokens = nn.Parameter(torch.zeros(1, q.num_queries, q.hidden))
         nn.init.normal_(self.speech_query_tokens, std=0.02)
         self.speech_llama_proj = nn.Linear(q.hidden, config.llm.hidden)
-        self.llama_model = llama_model
+        # the peft PeftModel: typed Any (get_base_model, generate are not nn.Module methods)
+        self.llama_model: Any = llama_model
 
     # --- properties --------------------------------------------------------------------------
     @property
@@ -159,7 +162,7 @@ class Salmonn(nn.Module):
         return self.config.model_id
 
     @property
-    def llm(self) -> nn.Module:
+    def llm(self) -> Any:
         """The LlamaForCausalLM inside peft (LoRA layers injected, not merged)."""
         return self.llama_model.get_base_model()
 
@@ -191,7 +194,9 @@ class Salmonn(nn.Module):
         return mel, fbank, frames
 
     @torch.inference_mode()
-    def encode_features(self, mel: torch.Tensor, fbank: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_features(
+        self, mel: torch.Tensor, fbank: torch.Tensor, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Both encoders, LayerNorms, windowed Q-Former and projection -> (B, W*Q, D).
 
         `frames` are the true fbank frame counts of right-padded clips (None: no padding)."""

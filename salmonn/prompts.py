@@ -33,7 +33,9 @@ OFFICIAL_PROMPTS: dict[str, str] = {
     "speaker_verification": "Do you only hear the same person talking? Answer yes or no.",
     "fluent_speech_audio": "Describe the background audio and the speech in a fluent sentence.",
     "speech_separation": "Please write down what you hear each person says.",
-    "audio_story_telling": "Based on the audio, write a story in detail. Your story should be highly related to the audio.",
+    "audio_story_telling": (
+        "Based on the audio, write a story in detail. Your story should be highly related to the audio."
+    ),
     "speech_audio_query": "Please answer the speaker's question in detail based on the background sound.",
     "slot_filling": "According to the speech, what is the {}?",
     "music_description": "Listen to this music clip and describe the music.",

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ _CORPUS = [
     "An electric guitar plays a slow melody with drums and bass.",
     "the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9",
 ]
-_TOKENIZER_ARGS = dict(
+_TOKENIZER_ARGS: dict[str, Any] = dict(
     vocab_size=TOKENIZER_VOCAB,
     model_type="bpe",
     byte_fallback=True,

@@ -222,7 +222,7 @@ class HfHub:
         except Exception as e:  # noqa: BLE001 - translated into a clear message
             raise self._fail(e, f"listing {repo_type} {repo_id}") from e
         out = {}
-        for sib in info.siblings or []:
+        for sib in getattr(info, "siblings", None) or []:
             lfs = sib.lfs
             out[sib.rfilename] = RemoteFile(path=sib.rfilename, size=int(sib.size or 0),
                                             sha256=lfs.sha256 if lfs is not None else None,
@@ -285,7 +285,7 @@ def write_manifest(directory: Path, preset: str, files: Mapping[str, Mapping[str
     p = directory / MANIFEST
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({
-        "preset": preset, "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(), "checked_against": source,
+        "preset": preset, "recorded_at": dt.datetime.now(dt.UTC).isoformat(), "checked_against": source,
         "files": {k: dict(v) for k, v in sorted(files.items())},
     }, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, p)
@@ -337,6 +337,7 @@ def expected_from_hub(parts: Sequence[Part], hub: Hub) -> list[Expected]:
     out = []
     for part in parts:
         if part.is_file:
+            assert part.filename is not None  # is_file
             rf = hub.file_info(part.repo_id, part.repo_type, part.revision, part.filename)
             out.append(Expected(part.local, part.name, rf.size, rf.sha256, rf.git_oid, "hub"))
         else:
@@ -547,7 +548,7 @@ def fetch(preset: str, directory: str | Path, *, hub: Hub | None = None, parts: 
             if path.is_file() and check_file(directory, exp, known_sizes).status == OK:
                 kept.append(rel)
                 continue
-            repo_path = part.filename if part.is_file else rel.split("/", 1)[1]
+            repo_path = part.filename if part.filename is not None else rel.split("/", 1)[1]
             log.info("downloading %s %s/%s -> %s (%s bytes)", part.repo_type, part.repo_id, repo_path, path,
                      _n(exp.size))
             hub.download(part.repo_id, part.repo_type, part.revision, repo_path, path)

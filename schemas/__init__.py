@@ -10,16 +10,14 @@ import pyarrow as pa
 
 # The values of files.status, segments.finish_reason and segments.label (and files.error_type,
 # run states) are defined in schemas.vocabulary; re-exported here for the table checks below.
-from schemas.vocabulary import (
-    EMOTION_LABELS,
-    FINISH_LENGTH,
-    FINISH_REASONS,
-    FINISH_STOP,
-    STATUS_ERROR,
-    STATUS_OK,
-    STATUS_PARTIAL,
-    STATUSES,
-)
+from schemas.vocabulary import EMOTION_LABELS as EMOTION_LABELS
+from schemas.vocabulary import FINISH_LENGTH as FINISH_LENGTH
+from schemas.vocabulary import FINISH_REASONS as FINISH_REASONS
+from schemas.vocabulary import FINISH_STOP as FINISH_STOP
+from schemas.vocabulary import STATUS_ERROR as STATUS_ERROR
+from schemas.vocabulary import STATUS_OK as STATUS_OK
+from schemas.vocabulary import STATUS_PARTIAL as STATUS_PARTIAL
+from schemas.vocabulary import STATUSES as STATUSES
 
 # Version history:
 #   "1"  first release.

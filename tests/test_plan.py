@@ -22,28 +22,12 @@ from pipelines import commit as cm
 from pipelines.decode import DecodeOptions
 from pipelines.run import PipelineConfig, config_hash_of
 from pipelines.sources import list_inputs
+from salmonn import builtin_task
 
 RATE = 16000
 
 
-# LEAD: stand-in tasks (name, prompt, settings dataclass) so this test needs nothing from salmonn;
-# test_cli_plan below uses the real ones through the CLI once salmonn exposes builtin_task.
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    max_new_tokens: int = 200
-    num_beams: int = 1
-    lora_scale: float = 4.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    name: str
-    prompt: str
-    settings: _Settings = _Settings()
-
-
-TASKS = (_Task("caption", "Please describe the audio."), _Task("transcribe", "Recognize the speech."),
-         _Task("emotion", "Describe the emotion of the speaker in one word."))
+TASKS = tuple(builtin_task(name) for name in ("caption", "transcribe", "emotion"))
 
 
 def write_wav(path, seconds: float, seed: int = 0) -> None:
@@ -290,3 +274,42 @@ def test_over_limit_files_cost_no_work(archive):
     assert by_name["sub/d.wav"].over_limit == "too_long" and by_name["sub/d.wav"].duration_s == 3.0  # capped
     assert by_name["new/g.wav"].over_limit is None
     assert "too_large" in p.format() and "too_long" in p.format()
+
+
+def test_header_probe_of_real_files_reads_a_few_hundred_bytes(tmp_path):
+    """Files encoded by FFmpeg (through PyAV), tagged ones included: the probe finds their length in
+    their headers and reads little, however large the tags (200 KiB of cover art is skipped)."""
+    import mutagen.flac
+    import mutagen.id3
+
+    from pipelines import synth
+
+    signal = synth.speech_like(3.0, RATE, seed=3)
+    cover = bytes(range(256)) * 800
+    for fmt in ("wav", "wav24", "flac", "mp3", "m4a", "mp4", "mov"):
+        path = tmp_path / f"x_{fmt}{synth.suffix(fmt)}"
+        synth.write_audio(path, signal, RATE, fmt)
+        dur, nbytes = plan.probe_file(str(path), os.path.getsize(path))
+        assert dur == pytest.approx(3.0, abs=0.11), fmt   # mp3: LAME's delay and padding are estimated
+        assert nbytes <= 1024, (fmt, nbytes)
+    mp3, flac = tmp_path / "cover.mp3", tmp_path / "cover.flac"
+    synth.write_audio(mp3, signal, RATE, "mp3")
+    tags = mutagen.id3.ID3()
+    tags.add(mutagen.id3.APIC(encoding=3, mime="image/png", type=3, desc="cover", data=cover))
+    tags.save(str(mp3))
+    synth.write_audio(flac, signal, RATE, "flac")
+    f = mutagen.flac.FLAC(str(flac))
+    pic = mutagen.flac.Picture()
+    pic.type, pic.mime, pic.data = 3, "image/png", cover
+    f.add_picture(pic)
+    f.save()
+    for path in (mp3, flac):
+        assert os.path.getsize(path) > len(cover)
+        dur, nbytes = plan.probe_file(str(path), os.path.getsize(path))
+        assert dur == pytest.approx(3.0, abs=0.11) and nbytes <= 1024, (path.name, dur, nbytes)
+    # a truncated wav keeps its header's length: the probe cuts it to what the file holds
+    wav = tmp_path / "x_wav.wav"
+    data = wav.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    dur, _ = plan.probe_file(str(tmp_path / "cut.wav"), len(data) // 2)
+    assert dur == pytest.approx(1.5, abs=0.01)
