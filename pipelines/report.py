@@ -2,9 +2,9 @@
 
 Everything comes from the output location itself: the run record (``_runs/<run>/run.json``), the
 ``files`` and ``segments`` Delta tables (the run's rows as of its last commit, through Delta's
-time travel, so files a later run processed again still count for this run), and the Ray Data
-stats text the run saved (``_runs/<run>/ray_stats-*.txt``). Nothing is recomputed and no audio
-is read.
+time travel, so files a later run processed again still count for this run), and the time per
+stage the driver recorded in the run record from Ray Data's structured stats
+(:mod:`pipelines.stage_times`). Nothing is recomputed and no audio is read.
 
 The HTML page is self-contained: plots are matplotlib figures inlined as SVG (text drawn as
 paths, so no font is fetched), styles are inline, there is no script and no external reference,
@@ -23,13 +23,14 @@ import datetime as dt
 import html
 import io
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import schemas
 from pipelines import commit as cm
+from pipelines import stage_times
 from pipelines.labels import segment_label
+from pipelines.stage_times import StageTime
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ STATUS_COLORS = {"ok": "#3a923a", "partial": "#e0a030", "error": "#c83c3c"}
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class StageTime:
-    name: str
-    wall_s: float          # the operator's own wall time ("... blocks produced in Xs"), summed over passes
-    task_s: float          # remote wall time summed over its tasks (work done by all its actors)
-    tasks: int
-
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
@@ -152,7 +145,7 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
         status_counts=dict(status_counts), error_types=dict(error_types), durations_s=durations,
         audio_hours=audio_h, wall_s=wall_s, segment_rows=segs.num_rows, tasks=dict(tasks),
         label_counts=dict(labels), intervals=tuple(throughput_intervals(frows, record)),
-        stages=tuple(stage_times(_read_stats(store, run_id))),
+        stages=tuple(stage_times.from_record(record.get(stage_times.RECORD_KEY))),
         slowest=tuple(_slowest(frows, tokens, n_slowest)),
         samples=tuple(_samples(store, frows, n_samples)),
         latest_counts=dict(collections.Counter(latest_files["status"].to_pylist())),
@@ -196,55 +189,6 @@ def throughput_intervals(frows: Sequence[Mapping[str, Any]], record: Mapping[str
         out.append(Interval(t_h=(t - origin).total_seconds() / 3600, audio_h=by_commit[t], wall_h=wall_h))
         prev = t
     return out
-
-
-def _read_stats(store: cm.OutputStore, run_id: str) -> str:
-    base = store.run_dir(run_id)
-    try:
-        names = sorted(n for n in store.fs.ls(base, detail=False) if re.search(r"ray_stats-\d+\.txt$", n))
-    except FileNotFoundError:
-        return ""
-    texts = []
-    for n in names:
-        with store.fs.open(n, "rb") as f:
-            texts.append(f.read().decode("utf-8", "replace"))
-    return "\n\n".join(texts)
-
-
-_OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, .*? in (?P<wall>[\d.]+\s*\w+)\s*$")
-_REMOTE_WALL = re.compile(r"^\* Remote wall time: .*?, (?P<total>[\d.]+\s*\w+) total")
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def _seconds(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)\s*(us|ms|s|min|m|h)", text.strip())
-    if not m:
-        return 0.0
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def stage_times(stats_text: str) -> list[StageTime]:
-    """Per-operator times from Ray Data's ``Dataset.stats()`` text, summed over passes/resumes."""
-    wall: dict[str, float] = collections.defaultdict(float)
-    task: dict[str, float] = collections.defaultdict(float)
-    ntasks: dict[str, int] = collections.defaultdict(int)
-    order: list[str] = []
-    current = None
-    for line in stats_text.splitlines():
-        line = line.strip()
-        m = _OPERATOR.match(line)
-        if m:
-            current = m.group("name")
-            if current not in wall:
-                order.append(current)
-            wall[current] += _seconds(m.group("wall"))
-            ntasks[current] += int(m.group("tasks"))
-            continue
-        m = _REMOTE_WALL.match(line)
-        if m and current is not None:
-            task[current] += _seconds(m.group("total"))
-            current = None
-    return [StageTime(n, wall[n], task[n], ntasks[n]) for n in order]
 
 
 def _slowest(frows: Sequence[Mapping[str, Any]], tokens: Mapping[str, int], n: int) -> list[dict[str, Any]]:

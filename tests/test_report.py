@@ -1,4 +1,5 @@
-"""report: counts, plots inlined as SVG, self-contained HTML, text summary, stage-time parsing."""
+"""report: counts, plots inlined as SVG, self-contained HTML, text summary, stage times from Ray Data's
+structured stats."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipelines import cli_ops, report
+from pipelines import cli_ops, report, stage_times
+from pipelines import commit as cm
 from tests import ops_fixtures as fx
 
 
@@ -16,7 +18,18 @@ from tests import ops_fixtures as fx
 def out(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("report") / "out")
     fx.build_two_runs(path)
+    store = cm.OutputStore(path)
+    record = store.read_run(fx.RUN1)
+    store.write_run({**record, stage_times.RECORD_KEY: STAGES})
     return path
+
+
+# What the driver records for one pass (stage_times.to_record of Ray Data's summary)
+STAGES = [
+    {"name": "FromItems", "wall_s": 0.05, "task_s": 0.02759, "tasks": 1},
+    {"name": "MapBatches(DecodeStage)", "wall_s": 41.3, "task_s": 39.7, "tasks": 7},
+    {"name": "MapBatches(SalmonnPredictor)", "wall_s": 144.0, "task_s": 132.0, "tasks": 14},
+]
 
 
 class _Refs(HTMLParser):
@@ -106,15 +119,38 @@ def test_text_summary(out):
     assert "archive (latest result of each file, 2 runs): ok 4, error 2, partial 1" in text
 
 
-def test_stage_times_sum_passes_and_units():
-    text = (fx.RAY_STATS + "\n\n" + fx.RAY_STATS.replace("2.4min", "30s").replace("2.2min total", "500ms total")
-            + "\nOperator 3 Write: 2 tasks executed, 2 blocks produced in 1.5h\n* Remote wall time: 1us min, "
-              "1us max, 1us mean, 2us total\n")
-    stages = {s.name: s for s in report.stage_times(text)}
+def test_stage_times_sum_passes_and_resumes():
+    second = [{**e, "wall_s": 30.0, "task_s": 0.5} if e["name"] == "MapBatches(SalmonnPredictor)" else e
+              for e in STAGES]
+    extra = [{"name": "Write", "wall_s": 5400.0, "task_s": 2e-6, "tasks": 2}]
+    stages = {s.name: s for s in stage_times.from_record(STAGES + second + extra)}
+    assert list(stages) == ["FromItems", "MapBatches(DecodeStage)", "MapBatches(SalmonnPredictor)", "Write"]
     assert stages["MapBatches(SalmonnPredictor)"].wall_s == pytest.approx(144 + 30)
     assert stages["MapBatches(SalmonnPredictor)"].task_s == pytest.approx(132 + 0.5)
     assert stages["MapBatches(SalmonnPredictor)"].tasks == 28
     assert stages["Write"].wall_s == pytest.approx(5400) and stages["Write"].task_s == pytest.approx(2e-6)
+    assert stage_times.from_record(None) == [] and stage_times.from_record([]) == []
+
+
+@pytest.mark.slow
+def test_stage_times_from_a_real_ray_dataset(ray_local):
+    """Ray Data's structured summary gives each operator's wall time, task time and task count."""
+    import time
+
+    import ray.data
+
+    def slow(batch):
+        time.sleep(0.1)
+        return batch
+
+    ds = ray.data.range(40, override_num_blocks=4).map_batches(slow, batch_size=10)
+    assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 40
+    times = {t.name: t for t in stage_times.from_ray_summary(ds._get_stats_summary())}
+    assert set(times) == {"ReadRange", "MapBatches(slow)"}, times
+    mapped = times["MapBatches(slow)"]
+    assert mapped.tasks >= 1 and mapped.task_s >= 4 * 0.1 and mapped.wall_s >= 0.1
+    entries = stage_times.to_record(times.values())
+    assert stage_times.from_record(entries) == list(times.values())
 
 
 def test_throughput_clock_restarts_at_resume():
