@@ -12,9 +12,19 @@ never trusted for the length of the audio.
 exactly one :class:`FileInfo`, whose ``status`` is
 
 * ``ok``      -- decoded to the end;
-* ``partial`` -- windows were produced, then the stream broke (``error_type`` says why; the
-  windows before the damage are good and were yielded);
+* ``partial`` -- windows were produced, but not all of the audio is as it was: the stream broke
+  or was cut off (the windows before are good and were yielded), damaged packets or bytes in the
+  middle were replaced by silence (``decode_error``; the audio after the damage is kept, at its
+  own time), or NaN/inf samples were replaced by silence (``non_finite_samples``); the message
+  says how much and where (media time) it started;
 * ``error``   -- no window at all (``error_type`` says why).
+
+Times are media time: the first window starts where the audio starts on the container's
+timeline, rebased to the container's start time as FFmpeg and players do (an audio track that
+starts 5 s after the video starts at 5.0). Of several audio streams, the one FFmpeg picks
+(``av_find_best_stream``: the default disposition first) is decoded; ``FileInfo.audio_stream``
+says which. A local path is classified with ``stat`` before anything opens it (a FIFO or device
+is never read).
 
 ``error_type`` values: the decode-stage entries of ``schemas.vocabulary.ERRORS`` (:data:`ERROR_TYPES`),
 each with its meaning and whether the next run retries it.
@@ -22,30 +32,41 @@ each with its meaning and whether the next run retries it.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import math
 import numbers
+import os
+import stat
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
 from fsspec.core import url_to_fs
 from mutagen.mp3 import skip_id3  # seeks past ID3v2 tags (several, as some taggers stack them)
 
-from pipelines.sources import FileRef, is_local_filesystem
+from pipelines.sources import FileRef, candidate_paths, escape_uri, is_local_filesystem
 from salmonn.config import SAMPLE_RATE  # 16 kHz: what Whisper and BEATs (and so SALMONN) take
 from schemas import vocabulary
 from schemas.vocabulary import STATUS_ERROR, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
+# Summing float channels may overflow to inf on a hostile file; decode counts and replaces those
+# samples (non_finite_samples), so numpy's warning about it adds nothing.
+warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning,
+                        module=r"pipelines\.decode")
 
 MAX_WINDOW_S = 30.0                # Whisper's context
 SNAP_SEARCH_S = 2.0                # a snapped cut moves back at most this far ...
 SNAP_FRAME_S = 0.02                # ... to the centre of the quietest frame of this length
 SILENCE_PEAK = 2.0 ** -15          # a window whose |peak| <= one 16-bit LSB is digital silence
-DECLARED_TOO_LONG_FACTOR = 1.5     # reject before decoding when the header says > 1.5x the limit
+# Read by pipelines.plan only: decode never rejects a file for the duration its header declares
+# (the decoded-sample cap decides).
+DECLARED_TOO_LONG_FACTOR = 1.5
 TRUNCATION_TOLERANCE_S = 1.0       # decoded this much (and 2%) short of the declared duration ...
 TRUNCATION_TOLERANCE_FRAC = 0.02   # ... -> status partial, error_type truncated
 # Containers whose header states the real length (not an estimate from the bit rate), so a
@@ -55,7 +76,10 @@ TRUNCATION_TOLERANCE_FRAC = 0.02   # ... -> status partial, error_type truncated
 EXACT_DURATION_CONTAINERS = frozenset({
     "flac", "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "ogg", "wav", "w64", "aiff", "caf",
 })
-MAX_CONSECUTIVE_BAD_PACKETS = 8   # more undecodable packets in a row: the stream is broken
+GAP_MIN_S = 0.05                   # a jump of the timestamps this long or longer is lost audio ...
+GAP_MAX_S = 60.0                   # ... up to this long; longer jumps are timestamp resets
+GAP_EPSILON_S = 0.001              # after a refused packet: a jump this long or longer is its time
+MAX_DEMUX_RESYNCS = 100            # demuxer read errors resynced after, per stream
 AVIO_BUFFER_BYTES = 64 * 2**10     # PyAV's read size from the Python file object
 TAIL_BYTES = 128 * 2**10           # reads in the last TAIL_BYTES of a remote object: own request
 
@@ -146,6 +170,7 @@ class FileInfo:
     channels_in: int | None
     duration_s: float | None    # decoded (output) duration; None when nothing was decoded
     n_segments: int             # windows yielded
+    audio_stream: int | None = None   # index of the decoded audio stream in its container
 
 
 # --- windowing -----------------------------------------------------------------------------
@@ -182,8 +207,16 @@ class Windower:
         self._fill = 0        # valid samples in _buf
         self._covered = 0     # leading samples of _buf already part of an emitted window
         self._offset = 0      # stream sample index of _buf[0]
+        self.origin = 0       # media time of the first sample, in samples (set_origin)
         self.n_windows = 0
         self.n_samples = 0    # samples pushed so far
+
+    def set_origin(self, samples: int) -> None:
+        """Place the first sample at media time ``samples / sample_rate`` (a track that starts
+        after its container does); only before the first push."""
+        if self.n_samples:
+            raise ValueError("set_origin after samples were pushed")
+        self.origin = int(samples)
 
     def push(self, chunk: np.ndarray) -> Iterator[Window]:
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
@@ -233,7 +266,7 @@ class Windower:
 
     def _make(self, length: int) -> Window:
         samples = self._buf[:length].copy()
-        start = self._offset
+        start = self.origin + self._offset
         window = Window(
             file_id=self.file_id,
             uri=self.uri,
@@ -261,7 +294,7 @@ def iter_windows(chunks: Iterable[np.ndarray], options: DecodeOptions = DecodeOp
 
 
 class _Reject(Exception):
-    """A per-file verdict reached by our own checks (size, duration, streams)."""
+    """A per-file verdict reached by our own checks (file kind, size, streams, the cap)."""
 
     def __init__(self, error_type: str, message: str):
         super().__init__(message)
@@ -274,12 +307,45 @@ class _Probe:
     codec: str | None = None
     sample_rate_in: int | None = None
     channels_in: int | None = None
-    declared_s: float | None = None
-    exact_duration: bool = False  # declared_s comes from the header, not the bit rate
+    audio_stream: int | None = None   # index of the decoded stream in the container
+    declared_end_s: float | None = None   # media time where the header says the audio ends
+    exact_duration: bool = False  # declared_end_s comes from the header, not the bit rate
     phase: str = "open"           # open -> probe -> decode: says what an exception means
     decoding: bool = False
+    origin_s: float = 0.0         # media time of the first decoded sample
     bad_packets: int = 0          # undecodable packets skipped
-    skipped_s: float = 0.0        # ... and the silence put in their place
+    gaps: int = 0                 # holes in the timestamps (data the demuxer skipped) ...
+    silence_s: float = 0.0        # ... and the silence put in place of both
+    first_damage_s: float | None = None   # media time of the first damage
+    ffmpeg_error: str | None = None       # FFmpeg's own words about the first damage
+    demux_errors: int = 0         # read errors the demuxer resynced after
+    links: int = 1                # chained Ogg: logical streams decoded
+    recovered: bool = False       # good audio was decoded after the first damage
+    non_finite: int = 0           # NaN/inf samples replaced by silence ...
+    first_non_finite_s: float | None = None   # ... the first at this media time
+    fs: Any = None                # where the file is (to tell a missing object from a prefix)
+    path: str | None = None
+
+    def damage(self, media_s: float, error: Exception | None = None) -> None:
+        if self.first_damage_s is None:
+            self.first_damage_s = media_s
+        if error is not None and self.ffmpeg_error is None:
+            self.ffmpeg_error = _ffmpeg_words(error)
+
+
+_ffmpeg_errors_recorded = False
+
+
+def _record_ffmpeg_errors() -> None:
+    """Make FFmpeg's own error lines ("[mp3float] Header missing") part of the exceptions PyAV
+    raises, without printing or logging them: PyAV installs its log callback at any level other
+    than None and keeps the last ERROR line for its exceptions; at PANIC nothing is emitted.
+    Left alone when the process has chosen a level itself."""
+    global _ffmpeg_errors_recorded
+    if not _ffmpeg_errors_recorded:
+        if av.logging.get_level() is None:
+            av.logging.set_level(av.logging.PANIC)
+        _ffmpeg_errors_recorded = True
 
 
 def decode_file(ref: FileRef, options: DecodeOptions = DecodeOptions(),
@@ -291,6 +357,7 @@ def decode_file(ref: FileRef, options: DecodeOptions = DecodeOptions(),
     Never raises for bad input (see the module docstring for statuses and error types).
     Closing the generator early closes the file.
     """
+    _record_ffmpeg_errors()
     probe = _Probe()
     windower = Windower(options, ref.file_id, ref.uri, choose_cut=choose_cut)
     error: tuple[str, str] | None = None
@@ -300,15 +367,20 @@ def decode_file(ref: FileRef, options: DecodeOptions = DecodeOptions(),
         error = (e.error_type, str(e))
     except Exception as e:  # noqa: BLE001 - per-file errors become rows, never crash the run
         error = _classify(e, probe)
-        if probe.bad_packets:
-            error = (error[0], f"{error[1]} (after {probe.bad_packets} undecodable packet(s))")
+        if error[0] == "not_found" and probe.fs is not None and _is_dir(probe.fs, probe.path):
+            error = ("not_a_file", f"{ref.uri} is a directory (prefix), not a file")
         if error[0] == "internal_error":
             logger.exception("decode %s: unexpected error", ref.uri)
+        if probe.decoding:
+            error = (error[0], f"{error[1]} at {_media_s(windower):.2f} s")
     yield from windower.flush()   # what was decoded before a failure is good audio
     if error is None and probe.decoding and windower.n_samples == 0:
         error = ("empty_audio", "the audio stream decoded to no samples")
+    notes = _damage_notes(probe)
     if error is None and probe.decoding:
-        error = _check_complete(windower.n_samples / options.sample_rate, probe)
+        error = _check_complete(_media_s(windower), probe, notes)
+    elif error is not None and notes:
+        error = (error[0], f"{error[1]}; {'; '.join(notes)}")
     if error is None:
         status = STATUS_OK
     else:
@@ -320,46 +392,118 @@ def decode_file(ref: FileRef, options: DecodeOptions = DecodeOptions(),
         uri=ref.uri,
         status=status,
         error_type=error[0] if error else None,
-        error_message=error[1][:500] if error else None,
+        error_message=escape_uri(error[1])[:500] if error else None,
         container=probe.container,
         codec=probe.codec,
         sample_rate_in=probe.sample_rate_in,
         channels_in=probe.channels_in,
         duration_s=windower.n_samples / options.sample_rate if probe.decoding else None,
         n_segments=windower.n_windows,
+        audio_stream=probe.audio_stream,
     )
+
+
+def _media_s(windower: Windower) -> float:
+    """Media time of the end of the audio decoded so far."""
+    return (windower.origin + windower.n_samples) / windower.sample_rate
 
 
 def _decode(ref: FileRef, options: DecodeOptions, storage_options: dict, probe: _Probe,
             windower: Windower) -> Iterator[Window]:
-    if ref.size_bytes == 0:
+    fs, path = url_to_fs(ref.uri, **storage_options)
+    if is_local_filesystem(fs):
+        _, st = _local_file(path)      # the file's kind, found without opening it
+        size: int | None = st.st_size
+    else:
+        probe.fs, probe.path = fs, path
+        size = ref.size_bytes
+        if size is None:   # not stat'ed when listed (a manifest entry): ask the store now
+            info = fs.info(path)
+            if info.get("type") == "directory":
+                raise _Reject("not_a_file", "a directory (prefix), not an object")
+            size = info.get("size")
+    if size == 0:
         raise _Reject("empty_file", "0 bytes")
-    _check_size(ref.size_bytes, options)
-    with _open_input(ref.uri, options, storage_options, ref.size_bytes) as f:
+    _check_size(size, options)
+    with _open_input(ref.uri, options, storage_options, size) as f:
         size = _size_of(f)
         if size == 0:
             raise _Reject("empty_file", "0 bytes")
         _check_size(size, options)
         probe.phase = "probe"
         has_vbr_header = _has_mp3_length_header(f)
-        with av.open(f, "r", metadata_errors="ignore", buffer_size=AVIO_BUFFER_BYTES) as container:
-            stream = _audio_stream(container, probe)
-            probe.exact_duration = (probe.container in EXACT_DURATION_CONTAINERS
-                                    or (probe.container == "mp3" and has_vbr_header))
-            _check_declared_duration(probe, options)
-            probe.phase = "decode"
-            probe.decoding = True
-            yield from _decode_stream(container, stream, options, windower, probe)
+        decoder = _StreamDecoder(options, windower, probe)
+        offset: int | None = 0
+        while offset is not None:      # one pass per logical stream of a chained Ogg file
+            source = f if offset == 0 else _OffsetReader(f, offset)
+            with av.open(source, "r", metadata_errors="ignore", buffer_size=AVIO_BUFFER_BYTES) as container:
+                stream = _audio_stream(container, probe, first=offset == 0)
+                if offset == 0:
+                    probe.exact_duration = (probe.container in EXACT_DURATION_CONTAINERS
+                                            or (probe.container == "mp3" and has_vbr_header))
+                probe.phase = "decode"
+                probe.decoding = True
+                offset = yield from decoder.run(container, stream, f, offset)
+            if offset is not None:
+                probe.links += 1
+
+
+def _local_file(path: str) -> tuple[str, os.stat_result]:
+    """``(path to open, its stat)`` for a local regular file, found by ``stat`` alone (following
+    symlinks; a FIFO or device is never opened). Anything else is a :class:`_Reject`:
+    a dangling symlink (not_found), a symlink loop, a directory (not_a_file), a FIFO, socket or
+    device (not_a_regular_file). A name that was percent-encoded in the listing is unescaped."""
+    candidates = candidate_paths(path)
+    for i, p in enumerate(candidates):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            if os.path.islink(p):
+                raise _Reject("not_found", f"dangling symlink: it points to {os.readlink(p)!r}, "
+                                           f"which does not exist") from None
+            if i + 1 < len(candidates):
+                continue
+            raise
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _Reject("symlink_loop", "too many levels of symbolic links (a symlink loop)") from None
+            raise
+        if stat.S_ISDIR(st.st_mode):
+            raise _Reject("not_a_file", "a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise _Reject("not_a_regular_file", f"a {_kind_of(st.st_mode)}, not a regular file: not read "
+                                                f"(reading it could block or never end)")
+        return p, st
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _is_dir(fs, path: str | None) -> bool:
+    try:
+        return bool(path) and fs.isdir(path)
+    except Exception:  # noqa: BLE001 - only a better label is at stake
+        return False
 
 
 def _open_input(uri: str, options: DecodeOptions, storage_options: dict, size: int | None = None):
     """Open ``uri`` for PyAV: a seekable binary file object (a context manager).
 
-    On object storage the size from the listing is handed to the file, which saves the HEAD
-    request an open would make (a missing object then shows on the first read, as not_found).
+    Local files are opened non-blocking and checked to be regular files on the open descriptor,
+    so a file replaced by a FIFO after the check cannot hang the read. On object storage the
+    size from the listing is handed to the file, which saves the HEAD request an open would make
+    (a missing object then shows on the first read, as not_found).
     """
     fs, path = url_to_fs(uri, **storage_options)
-    if size and not is_local_filesystem(fs):
+    if is_local_filesystem(fs):
+        return _open_local(_local_file(path)[0])
+    if size:
         try:
             f = fs.open(path, "rb", block_size=options.block_size, size=size)
         except TypeError:   # a filesystem whose files take no size
@@ -370,6 +514,28 @@ def _open_input(uri: str, options: DecodeOptions, storage_options: dict, size: i
     if hasattr(f, "_fetch_range") and size and size > options.block_size + 2 * TAIL_BYTES:
         return _TailCachedReader(f, size)
     return f
+
+
+def _open_local(path: str) -> io.FileIO:
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Reject("not_a_regular_file", f"a {_kind_of(st.st_mode)}, not a regular file: not read")
+        return _LocalFile(fd, st.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _LocalFile(io.FileIO):
+    """An open local file that knows its size (PyAV reads it in AVIO_BUFFER_BYTES blocks, so it
+    needs no buffer of its own)."""
+
+    def __init__(self, fd: int, size: int):
+        super().__init__(fd, "rb", closefd=True)
+        self.size = size
 
 
 def _size_of(f) -> int | None:
@@ -403,77 +569,256 @@ def _check_size(size: int | None, options: DecodeOptions) -> None:
         raise _Reject("too_large", f"{size} bytes > max_bytes={options.max_bytes}")
 
 
-def _audio_stream(container, probe: _Probe):
-    probe.container = container.format.name
-    if not container.streams.audio:
+def _audio_stream(container, probe: _Probe, *, first: bool = True):
+    """The audio stream FFmpeg would pick (``av_find_best_stream``: the default disposition
+    first, then the stream with the most decodable frames and the highest bit rate), or the
+    first one with a decoder when the best has none."""
+    if first:
+        probe.container = container.format.name
+    audio = list(container.streams.audio)
+    if not audio:
         kinds = sorted({s.type for s in container.streams})
         raise _Reject("no_audio_stream", f"streams: {', '.join(kinds) or 'none'}")
-    stream = container.streams.audio[0]
+    try:
+        stream = container.streams.best("audio") or audio[0]
+    except (ValueError, av.error.FFmpegError):
+        stream = audio[0]
+    if stream.codec_context is None:
+        stream = next((s for s in audio if s.codec_context is not None), stream)
     ctx = stream.codec_context
     if ctx is None:
         raise _Reject("unsupported_codec", f"this FFmpeg build has no decoder for audio "
                                            f"stream #{stream.index}")
+    if not first:
+        return stream
+    probe.audio_stream = stream.index
     probe.codec = ctx.codec.canonical_name
     probe.sample_rate_in = ctx.sample_rate or None
     probe.channels_in = ctx.channels or None
+    c_start = container.start_time / av.time_base if container.start_time is not None else 0.0
     if stream.duration and stream.time_base:
-        probe.declared_s = float(stream.duration * stream.time_base)
+        tb = float(stream.time_base)
+        s_start = stream.start_time * tb if stream.start_time is not None else c_start
+        probe.declared_end_s = max(0.0, s_start - c_start) + stream.duration * tb
     elif container.duration:
-        probe.declared_s = container.duration / av.time_base
+        # The container's duration counts from 0 in some demuxers (Matroska's segment duration)
+        # and from its start time in others: the smaller reading, so a late start is not
+        # mistaken for a cut-off end.
+        d = container.duration / av.time_base
+        probe.declared_end_s = d - c_start if 0 < c_start < d else d
     return stream
 
 
-def _check_declared_duration(probe: _Probe, options: DecodeOptions) -> None:
-    if probe.declared_s and probe.declared_s > DECLARED_TOO_LONG_FACTOR * options.max_duration_s:
-        raise _Reject("too_long", f"declared duration {probe.declared_s:.0f} s > "
-                                  f"{DECLARED_TOO_LONG_FACTOR} x max_duration_s={options.max_duration_s:g}")
+class _StreamDecoder:
+    """Decodes the packets of one audio stream into the windower, on the media timeline.
 
+    * Timeline: the first sample sits at its media time (the frame's timestamp minus the
+      container's start time, as FFmpeg and players show it), so a track that starts after the
+      container does gets windows stamped from there. A later jump in the timestamps of at least
+      ``GAP_MIN_S`` (and at most ``GAP_MAX_S``: beyond that it is a timestamp reset, not lost
+      audio) is data the demuxer skipped over: it becomes silence, so what follows keeps its time.
+    * Damage: a packet the decoder refuses (any FFmpeg error) is skipped, as ffmpeg does, however
+      many there are; its time becomes silence once good audio follows (silence never ends a
+      file). A read error of the demuxer is followed by another read, which resyncs (FFmpeg's
+      demuxers look for the next valid frame), up to ``MAX_DEMUX_RESYNCS`` times a stream.
+    * Chained Ogg: a logical stream that follows another (a radio dump) with other parameters
+      stops FFmpeg's demuxer; the next link's first page is found and decoded as a stream of its
+      own, appended to the timeline.
+    * Samples: NaN and +-inf (a float file, or a down-mix that overflows) become silence and are
+      counted; decoded samples are capped at ``max_duration_s``.
+    """
 
-def _decode_stream(container, stream, options: DecodeOptions, windower: Windower,
-                   probe: _Probe) -> Iterator[Window]:
-    to_mono = _ToMono16k(options.sample_rate, options.channel_mode)
-    cap = options.max_samples
+    def __init__(self, options: DecodeOptions, windower: Windower, probe: _Probe):
+        self.options, self.windower, self.probe = options, windower, probe
+        self.to_mono = _ToMono16k(options.sample_rate, options.channel_mode)
+        self.cap = options.max_samples
+        self.rate = options.sample_rate
 
-    def push(chunks: Iterable[np.ndarray]) -> Iterator[Window]:
+    def push(self, chunks: Iterable[np.ndarray]) -> Iterator[Window]:
+        windower, probe, to_mono = self.windower, self.probe, self.to_mono
+        if to_mono.non_finite != probe.non_finite:
+            if probe.first_non_finite_s is None:
+                probe.first_non_finite_s = _media_s(windower) + to_mono.first_non_finite_offset_s
+            probe.non_finite = to_mono.non_finite
         for chunk in chunks:
-            room = cap - windower.n_samples
+            room = self.cap - windower.n_samples
             if chunk.size > room:
                 yield from windower.push(chunk[:room])
                 raise _Reject("too_long", f"decoded audio reached max_duration_s="
-                                          f"{options.max_duration_s:g}; the rest is skipped")
+                                          f"{self.options.max_duration_s:g}; the rest is skipped")
             yield from windower.push(chunk)
 
-    # The per-frame path stays free of generators and temporaries: most frames only land in
-    # to_mono's gather buffer, and feed() returns the shared empty tuple.
-    feed = to_mono.feed
-    consecutive_bad = 0
-    for packet in container.demux(stream):
-        try:
-            frames = packet.decode()
-        except av.error.InvalidDataError:
-            # One damaged packet: skip it like ffmpeg does, keep the timeline with silence of its
-            # duration, and give up when the damage goes on.
-            probe.bad_packets += 1
-            consecutive_bad += 1
-            if consecutive_bad > MAX_CONSECUTIVE_BAD_PACKETS:
-                raise
-            gap = _packet_samples(packet, options.sample_rate)
-            probe.skipped_s += gap / options.sample_rate
-            yield from push(to_mono.drain())    # the audio before the gap goes first
-            yield from push([np.zeros(gap, dtype=np.float32)])
-            continue
-        consecutive_bad = 0
-        for frame in frames:
-            out = feed(frame)
-            if out:
-                yield from push(out)
-    yield from push(to_mono.flush())
+    def silence(self, seconds: float) -> Iterator[Window]:
+        """``seconds`` of silence after the audio decoded so far, pushed a window at a time."""
+        yield from self.push(self.to_mono.drain())    # the audio before the gap goes first
+        n = round(seconds * self.rate)
+        self.probe.silence_s += n / self.rate
+        zeros = np.zeros(min(n, self.windower.window), dtype=np.float32)
+        while n > 0:
+            yield from self.push([zeros[:n]])
+            n -= zeros.size
 
+    def run(self, container, stream, f, base: int) -> Iterator[Window]:
+        """Decode ``stream`` to its end; returns the byte offset of a following chained-Ogg link
+        (``base``: where this container starts in ``f``), or None."""
+        probe, windower = self.probe, self.windower
+        feed = self.to_mono.feed
+        c_start = container.start_time / av.time_base if container.start_time is not None else 0.0
+        is_ogg = container.format.name == "ogg"
+        next_t: float | None = None     # stream time (s) where the next frame should start
+        tb: float | None = None
+        started = False
+        pending = 0.0                   # seconds of refused packets since the last good frame
+        last_pos = 0
+        resyncs = 0
+        first_link = probe.links == 1
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.EOFError:
+                break
+            except av.error.FFmpegError as e:
+                if isinstance(e, av.error.PyAVCallbackError):
+                    raise
+                if is_ogg:   # FFmpeg stops at a chained link with other parameters: decode it apart
+                    link = _next_ogg_link(f, base + last_pos + 1)
+                    if link is not None:
+                        yield from self.push(self.to_mono.flush())
+                        return link
+                probe.demux_errors += 1
+                probe.damage(_media_s(windower), e)
+                if resyncs >= MAX_DEMUX_RESYNCS:
+                    raise
+                resyncs += 1
+                packets = container.demux(stream)
+                continue
+            pos = packet.pos
+            if pos is not None and pos > last_pos:
+                last_pos = pos
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                if isinstance(e, (av.error.PyAVCallbackError, av.error.DecoderNotFoundError)):
+                    raise
+                # One damaged packet: skip it like ffmpeg does; its time becomes silence when
+                # good audio follows.
+                probe.bad_packets += 1
+                probe.damage(_media_s(windower), e)
+                pending += _packet_s(packet)
+                continue
+            for frame in frames:
+                pts = frame.pts
+                if tb is None and frame.time_base:
+                    tb = float(frame.time_base)
+                t = pts * tb if pts is not None and tb is not None else None
+                if probe.first_damage_s is not None:
+                    probe.recovered = True
+                if not started:
+                    started = True
+                    if first_link and windower.n_samples == 0 and t is not None and t > c_start:
+                        windower.set_origin(round((t - c_start) * self.rate))
+                        probe.origin_s = windower.origin / self.rate
+                    pending = 0.0   # damage before the first good frame: the origin places it
+                elif t is not None and next_t is not None:
+                    gap = t - next_t
+                    fill = 0.0
+                    if pending:          # refused packets: the timestamps say how long they were
+                        fill = gap if GAP_EPSILON_S <= gap <= GAP_MAX_S else (pending if gap > GAP_MAX_S else 0.0)
+                    elif GAP_MIN_S <= gap <= GAP_MAX_S:    # bytes the demuxer skipped
+                        probe.gaps += 1
+                        probe.damage(_media_s(windower))
+                        fill = gap
+                    if fill:
+                        yield from self.silence(fill)
+                    pending = 0.0
+                elif pending:
+                    yield from self.silence(pending)
+                    pending = 0.0
+                if t is not None:
+                    next_t = t
+                if next_t is not None:
+                    next_t += frame.samples / frame.sample_rate
+                out = feed(frame)
+                if out:
+                    yield from self.push(out)
+        yield from self.push(self.to_mono.flush())
+        return None
 
-def _packet_samples(packet, rate: int) -> int:
+def _packet_s(packet) -> float:
     if packet.duration and packet.time_base:
-        return round(float(packet.duration * packet.time_base) * rate)
-    return 0
+        return float(packet.duration * packet.time_base)
+    return 0.0
+
+
+_OGG_PAGE = b"OggS"
+
+
+def _next_ogg_link(f, start: int, limit: int = 64 * 2**20) -> int | None:
+    """Byte offset of the next Ogg page that begins a logical stream (BOS flag, sequence 0) at
+    or after ``start``, reading at most ``limit`` bytes; None if there is none. ``f``'s position
+    is restored."""
+    here = f.tell()
+    try:
+        f.seek(start)
+        carry = b""
+        pos = start
+        read = 0
+        while read < limit:
+            block = f.read(256 * 2**10)
+            if not block:
+                return None
+            read += len(block)
+            data = carry + block
+            base = pos - len(carry)
+            i = data.find(_OGG_PAGE)
+            while i != -1 and i + 27 <= len(data):
+                version, flags = data[i + 4], data[i + 5]
+                sequence = int.from_bytes(data[i + 18:i + 22], "little")
+                if version == 0 and flags & 0x02 and sequence == 0:
+                    return base + i
+                i = data.find(_OGG_PAGE, i + 1)
+            carry = data[-26:]
+            pos += len(block)
+        return None
+    finally:
+        f.seek(here)
+
+
+class _OffsetReader(io.RawIOBase):
+    """The bytes of ``f`` from ``offset`` on, as a file of their own (a chained Ogg link)."""
+
+    def __init__(self, f, offset: int):
+        super().__init__()
+        self._f, self.offset = f, offset
+        self._f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._f.tell() - self.offset
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            return self._f.seek(self.offset + max(0, pos)) - self.offset
+        return self._f.seek(pos, whence) - self.offset
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:   # the underlying file belongs to the caller
+        super().close()
 
 
 # Normalise the down-mix matrix so its gains sum to 1 (the default leaves float output
@@ -515,6 +860,8 @@ class _ToMono16k:
         self._gather = None         # _Gather: frame -> samples in the buffer (fast path)
         self._buf = np.empty(2 * RESAMPLE_CHUNK, dtype=np.float32)
         self._fill = 0
+        self.non_finite = 0                   # NaN/inf samples replaced by silence so far ...
+        self.first_non_finite_offset_s = 0.0  # ... the first this far into the chunk it was in
 
     def feed(self, frame) -> tuple[np.ndarray, ...] | list[np.ndarray]:
         """Take one frame; return the 16 kHz chunks that are ready (usually none)."""
@@ -525,7 +872,8 @@ class _ToMono16k:
             self._key = key
             self._start(frame)
         if self._soxr is None:
-            return [*ready, *(np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples)
+            return [*ready, *(self._finite(np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples),
+                                           self.rate)
                               for out in self._resampler.resample(frame))]
         n = frame.samples
         end = self._fill + n
@@ -550,7 +898,7 @@ class _ToMono16k:
             out = self._resample(last=True)
             self._soxr = None
         if self._resampler is not None:
-            out = [np.frombuffer(o.planes[0], dtype=np.float32, count=o.samples)
+            out = [self._finite(np.frombuffer(o.planes[0], dtype=np.float32, count=o.samples), self.rate)
                    for o in self._resampler.resample(None)]
             self._resampler = None
         self._key = None
@@ -577,9 +925,28 @@ class _ToMono16k:
     def _resample(self, last: bool) -> list[np.ndarray]:
         chunk = self._buf[:self._fill]
         self._gather.to_unit(chunk)
+        if self._gather.floating:     # integer samples are always finite
+            self._finite(chunk, self._key[2])
         out = self._soxr.resample_chunk(chunk, last=last)   # a new array: the buffer is reused
         self._fill = 0
         return [out] if out.size else []
+
+
+    def _finite(self, x: np.ndarray, rate: int) -> np.ndarray:
+        """``x`` with NaN and +-inf replaced by 0 (silence; in place where ``x`` is writable),
+        counted: a float file may hold them, and a sum of channels may overflow to them."""
+        if math.isfinite(float(np.add.reduce(x, dtype=np.float64))):
+            return x
+        bad = ~np.isfinite(x)
+        n = int(np.count_nonzero(bad))
+        if n:
+            if not x.flags.writeable:
+                x = x.copy()
+            if not self.non_finite:
+                self.first_non_finite_offset_s = int(np.argmax(bad)) / rate
+            self.non_finite += n
+            x[bad] = 0.0
+        return x
 
 
 class _Passthrough:
@@ -628,35 +995,95 @@ class _Gather:
             chunk *= self.gain
 
 
-def _check_complete(decoded_s: float, probe: _Probe) -> tuple[str, str] | None:
-    """After a clean end of stream: was anything missing?"""
-    skipped = (f"; {probe.bad_packets} undecodable packet(s) replaced by "
-               f"{probe.skipped_s:.2f} s of silence" if probe.bad_packets else "")
-    declared = probe.declared_s if probe.exact_duration else None
+def _damage_notes(probe: _Probe) -> list[str]:
+    """What was repaired on the way, for the file row's message."""
+    notes = []
+    if probe.bad_packets or probe.gaps or probe.demux_errors:
+        parts = [f"{n} {what}" for n, what in ((probe.bad_packets, "undecodable packet(s)"),
+                                               (probe.gaps, "gap(s) in the timestamps"),
+                                               (probe.demux_errors, "read error(s) the demuxer resynced after"))
+                 if n]
+        first = f", the first at {probe.first_damage_s:.2f} s" if probe.first_damage_s is not None else ""
+        why = f" ({probe.ffmpeg_error})" if probe.ffmpeg_error else ""
+        notes.append(f"damaged stream: {', '.join(parts)}; {probe.silence_s:.2f} s replaced by silence"
+                     f"{first}{why}")
+    if probe.non_finite:
+        notes.append(f"{probe.non_finite} non-finite sample(s) (NaN/inf) replaced by silence, the first at "
+                     f"{probe.first_non_finite_s or 0.0:.2f} s")
+    return notes
+
+
+def _check_complete(media_end_s: float, probe: _Probe, notes: list[str]) -> tuple[str, str] | None:
+    """After a clean end of stream: was anything missing or repaired?"""
+    suffix = "".join(f"; {n}" for n in notes)
+    declared = probe.declared_end_s if probe.exact_duration and probe.links == 1 else None
+    short = ""
     if declared:
         tolerance = max(TRUNCATION_TOLERANCE_S, TRUNCATION_TOLERANCE_FRAC * declared)
-        if decoded_s < declared - tolerance:
-            return ("truncated", f"stream ended at {decoded_s:.1f} s of a declared {declared:.1f} s"
-                    + skipped)
-    if probe.bad_packets:
-        return ("decode_error", skipped[2:])
+        if media_end_s < declared - tolerance:
+            short = f"stream ended at {media_end_s:.1f} s of a declared {declared:.1f} s"
+            if not probe.recovered:    # the end is missing, not a part in the middle
+                return ("truncated", short + suffix)
+    if probe.bad_packets or probe.gaps or probe.demux_errors:
+        # Damage in the middle with good audio after it; a stream without timestamps (raw MPEG
+        # audio) cannot say how much the demuxer skipped, only that it ends short.
+        return ("decode_error", "; ".join(notes) + (f"; {short}" if short else ""))
+    if probe.non_finite:
+        return ("non_finite_samples", "; ".join(notes))
     return None
+
+
+# FFmpeg's AAC and AC-3 header parsers return codes of their own, which av_strerror does not know
+# ("Error number -50531338 occurred").
+_FFMPEG_CODES = {
+    0x1030C0A: "no sync word in an AAC/AC-3 frame header",
+    0x2030C0A: "invalid bitstream id in an AAC/AC-3 frame header",
+    0x3030C0A: "invalid sample rate in an AAC/AC-3 frame header",
+    0x4030C0A: "invalid frame size in an AAC/AC-3 frame header",
+    0x5030C0A: "invalid frame type in an AAC/AC-3 frame header",
+    0x6030C0A: "CRC mismatch in an AAC/AC-3 frame",
+    0x7030C0A: "invalid channel configuration in an AAC/AC-3 frame header",
+}
+
+
+def _ffmpeg_words(e: Exception) -> str:
+    """A readable one-line description of an exception: FFmpeg's error text (its own codes
+    named), plus FFmpeg's last error line when it logged one."""
+    if not isinstance(e, av.error.FFmpegError):
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    code = e.errno if isinstance(e.errno, int) else None
+    text = e.strerror or ""
+    if code is not None and code in _FFMPEG_CODES:
+        text = _FFMPEG_CODES[code]
+    elif isinstance(e, av.error.UndefinedError) or not text or text.startswith("Error number"):
+        tag = code.to_bytes(4, "little", signed=False) if code is not None and 0 < code < 2**32 else b""
+        named = f" ({tag.decode('ascii')!r})" if tag and all(32 <= b < 127 for b in tag) else ""
+        text = f"FFmpeg error code {-code if code is not None else '?'}{named}"
+    log = e.log
+    if log and len(log) >= 3 and log[2] and log[2].strip() not in text:
+        source = f"{log[1].strip()}: " if log[1] else ""
+        text = f"{text} ({source}{log[2].strip()})"
+    return " ".join(text.split())
 
 
 def _classify(e: Exception, probe: _Probe) -> tuple[str, str]:
     """Map an exception to (error_type, message); ``probe.phase`` says where it happened."""
-    message = f"{type(e).__name__}: {e}"
-    if isinstance(e, FileNotFoundError):
+    message = _ffmpeg_words(e)
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
         return "not_found", message
     if isinstance(e, PermissionError):
         return "permission_denied", message
     if isinstance(e, IsADirectoryError):
         return "not_a_file", message
-    if isinstance(e, (av.error.DecoderNotFoundError, av.error.PatchWelcomeError)):
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return "symlink_loop", message
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return "not_found", message
+    if isinstance(e, av.error.DecoderNotFoundError):
         return "unsupported_codec", message
     if isinstance(e, av.error.FFmpegError) and not isinstance(e, av.error.PyAVCallbackError):
         if probe.phase == "probe":
-            return "invalid_data", message
+            return ("unsupported_codec" if isinstance(e, av.error.PatchWelcomeError) else "invalid_data"), message
         if isinstance(e, av.error.EOFError):
             return "truncated", message
         return "decode_error", message

@@ -200,7 +200,7 @@ def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, c
         "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
         "run_id": run_id, "model_id": model_id, "config_hash": chash,
         "pipeline_version": pipelines.__version__, "processed_at": now,
-        "speech_s": speech_seconds(d.segments),
+        "speech_s": speech_seconds(d.segments), "audio_stream": info.audio_stream,
     }], schema=schemas.FILES), schemas.FILES)
     segs = schemas.conform(pa.Table.from_pylist(
         [{**s, "run_id": run_id, "model_id": model_id, "label": segment_label(s["task"], s["text"])}

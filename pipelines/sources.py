@@ -17,7 +17,25 @@ Which files are kept:
 
 Manifests are recognised by name: ``*.parquet`` or ``*.csv`` with a ``uri`` column, ``*.txt``
 with one URI per line (blank lines and lines starting with ``#`` are skipped). Relative entries
-are resolved against the manifest's own directory.
+are resolved against the manifest's own directory. A text or CSV manifest that is not valid UTF-8
+(an old Latin-1 list) is read byte for byte: its entries name the files whose names are those bytes.
+
+Names that are not valid UTF-8. POSIX file names are bytes; Python hands them over with each
+byte that is not part of valid UTF-8 as a lone surrogate (``os.fsdecode``), which no table (Arrow,
+Parquet, Delta) can store. Such a name's ``uri`` is percent-encoded, losslessly: every byte that
+is not part of valid UTF-8 becomes ``%XX`` (upper-case hex) and, in these names only, a literal
+``%`` becomes ``%25``; everything else stays as it is. So ``/data/caf\xe9.mp3`` (Latin-1) is
+``/data/caf%E9.mp3``, and URIs of valid UTF-8 names (all S3 keys are) are unchanged, as are their
+``file_id``. :func:`escape_uri` makes the form, :func:`unescape_uri` undoes it, and
+:func:`candidate_paths` gives the paths to try when opening a URI: the URI as written first, then
+its unescaped name, which is only tried when escaping that name gives back exactly this URI. (The
+one ambiguity: a valid name spelt like another file's escaped name, e.g. a real ``caf%E9.mp3``
+next to a Latin-1 ``caf\xe9.mp3``; the literal name wins, both get the same ``uri``, and the
+listing keeps one of them.)
+
+Local entries that are not regular files (dangling symlinks, symlink loops, FIFOs, devices,
+sockets) are listed like files, with ``size_bytes`` None unless a symlink leads to a regular
+file; decode gives each its own error type without opening it.
 """
 
 from __future__ import annotations
@@ -26,7 +44,10 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import posixpath
+import stat
+import urllib.parse
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,8 +96,57 @@ class FileRef:
 
 
 def file_id_for(uri: str) -> str:
-    """Stable 16-hex-digit id of a URI (sha1 prefix)."""
-    return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
+    """Stable 16-hex-digit id of a URI (sha1 prefix of its escaped form, see :func:`escape_uri`)."""
+    return hashlib.sha1(escape_uri(uri).encode("utf-8")).hexdigest()[:16]
+
+
+_SURROGATE_BYTES = range(0xDC80, 0xDD00)   # os.fsdecode's stand-ins for the bytes 0x80-0xFF
+
+
+def escape_uri(uri: str) -> str:
+    """``uri`` as valid UTF-8 text, losslessly (see the module docstring).
+
+    A URI that is valid UTF-8 comes back unchanged. Otherwise each byte that is not part of valid
+    UTF-8 (a lone surrogate U+DC80-U+DCFF in Python's str) becomes ``%XX`` and each ``%`` becomes
+    ``%25``. Other lone surrogates (never part of an OS file name) become U+FFFD.
+    """
+    try:
+        uri.encode("utf-8")
+        return uri
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for c in uri:
+        code = ord(c)
+        if c == "%":
+            out.append("%25")
+        elif code in _SURROGATE_BYTES:
+            out.append(f"%{code - 0xDC00:02X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def unescape_uri(uri: str) -> str | None:
+    """The name :func:`escape_uri` turned into ``uri`` (with lone surrogates for its non-UTF-8
+    bytes, as ``os.fsdecode`` gives it), or None when ``uri`` is not such an escaped form."""
+    if "%" not in uri:
+        return None
+    try:
+        name = os.fsdecode(urllib.parse.unquote_to_bytes(uri)) if os.name == "posix" else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if name is None or name == uri or escape_uri(name) != uri:
+        return None
+    return name
+
+
+def candidate_paths(path: str) -> list[str]:
+    """The paths to try, in order, for a path or URI that may be an escaped name."""
+    name = unescape_uri(path)
+    return [path] if name is None else [path, name]
 
 
 def list_inputs(
@@ -144,8 +214,8 @@ def _has_magic(path: str) -> bool:
 
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if is_local_filesystem(fs):
-        return fs._strip_protocol(path)
-    return fs.unstrip_protocol(path)
+        return escape_uri(fs._strip_protocol(path))
+    return escape_uri(fs.unstrip_protocol(path))
 
 
 def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
@@ -157,13 +227,27 @@ def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
 def _ref(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> FileRef:
     uri = _uri(fs, info["name"])
     size = info.get("size")
+    mtime = _mtime(info)
+    if is_local_filesystem(fs) and info.get("type") != "file":
+        # A symlink, FIFO, device or socket: the version is that of what a symlink leads to (so a
+        # dangling link that gets its target is redone), and a size only for a regular file.
+        size, mtime = _followed_size_mtime(fs._strip_protocol(info["name"]))
     return FileRef(
         uri=uri,
         size_bytes=int(size) if size is not None else None,
         etag=None if is_local_filesystem(fs) else _etag(info),
-        mtime=_mtime(info),
+        mtime=mtime,
         file_id=file_id_for(uri),
     )
+
+
+def _followed_size_mtime(path: str) -> tuple[int | None, datetime | None]:
+    try:
+        st = os.stat(path)   # follows symlinks; never opens (a FIFO would block an open)
+    except OSError:          # dangling symlink, symlink loop, no permission on the way
+        return None, None
+    mtime = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+    return (st.st_size if stat.S_ISREG(st.st_mode) else None), mtime
 
 
 def _missing_ref(uri: str) -> FileRef:
@@ -219,7 +303,8 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         values = table.column("uri").to_pylist()
     else:
         with fs.open(path, "rb") as f:
-            text = io.TextIOWrapper(f, encoding="utf-8-sig").read()
+            # Bytes that are not UTF-8 stay bytes (surrogates): such entries are file names too.
+            text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape").read()
         if ext == ".csv":
             reader = csv.DictReader(io.StringIO(text))
             if reader.fieldnames is None or "uri" not in reader.fieldnames:
@@ -251,10 +336,21 @@ def _stat_all(uris: Iterable[str], storage_options: dict) -> list[FileRef]:
 def _stat(uri: str, storage_options: dict) -> FileRef:
     try:
         fs, path = url_to_fs(uri, **storage_options)
-        info = fs.info(path)
+        info = _info(fs, path)
     except Exception as e:  # noqa: BLE001 - any failure: keep the entry, decode reports why
-        logger.warning("manifest entry %s: cannot stat (%s: %s)", uri, type(e).__name__, e)
-        return _missing_ref(uri)
+        logger.warning("manifest entry %s: cannot stat (%s: %s)", escape_uri(uri), type(e).__name__, e)
+        return _missing_ref(escape_uri(uri))
     if info.get("type") == "directory":
         return _missing_ref(_uri(fs, path))
     return _ref(fs, info)
+
+
+def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    """``fs.info`` of ``path``, or of the name it escapes (an entry copied from a ``uri`` column)."""
+    paths = candidate_paths(path)
+    for p in paths[:-1]:
+        try:
+            return fs.info(p)
+        except FileNotFoundError:
+            continue
+    return fs.info(paths[-1])

@@ -28,6 +28,8 @@ from schemas.vocabulary import STATUSES as STATUSES
 #        The speech gate: segments gain ``speech_ratio`` (the window's share of speech, silero-vad),
 #        files gain ``speech_s`` (seconds of speech in the file); both null when the gate is off.
 #        finish_reason gains ``no_speech`` and ``silence`` (rows the gate answered without the model).
+#        files gain ``audio_stream``: which audio stream of the container was decoded (FFmpeg's
+#        default/best one); null when none was.
 SCHEMA_VERSION = "3"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
@@ -61,6 +63,7 @@ FILES = _with_version([
     pa.field("processed_at", _TS),
     pa.field("version", pa.string()),          # v3: the input's version (FileRef.version) when processed
     pa.field("speech_s", pa.float64()),        # v3: seconds of speech (VAD) in the file; null: gate off
+    pa.field("audio_stream", pa.int32()),      # v3: index of the decoded audio stream in its container
 ])
 
 # One row per (file, segment, task).

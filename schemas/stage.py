@@ -45,6 +45,7 @@ FILE_INFO = pa.struct([
     pa.field("channels_in", pa.int32()),
     pa.field("duration_s", pa.float64()),
     pa.field("n_segments", pa.int32(), nullable=False),
+    pa.field("audio_stream", pa.int32()),
 ])
 
 # driver -> decode: one row per input file (pipelines.sources.FileRef)
