@@ -14,7 +14,11 @@ Segments are written in time order with their timestamps:
 
 Output names: ``<stem>.<ext>``, under the input's directory relative to the common directory of
 all exported inputs (so ``a/x.mp3`` and ``b/x.mp3`` do not collide); two inputs with the same
-stem in one directory (``x.mp3``, ``x.wav``) keep their extension (``x.mp3.srt``). Segments with
+stem in one directory (``x.mp3``, ``x.wav``) keep their extension (``x.mp3.srt``), until no two
+names are the same (``x.mp3`` and ``x.mp3.wav`` -> ``x.mp3.srt``, ``x.mp3.wav.srt``), also on a
+case-insensitive file system; names that would still clash get ``~`` and a part of their file id.
+Object keys are arbitrary strings: a key's ``..`` components become ``__``, ``\\`` separates like
+``/``, control characters become ``_``, so every path written stays under ``--to``. Segments with
 no text (e.g. skipped silence) are left out of subtitle formats.
 """
 
@@ -22,10 +26,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import posixpath
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +39,7 @@ import fsspec
 
 from pipelines import commit as cm
 from pipelines.labels import segment_label
+from pipelines.sources import file_id_for
 
 log = logging.getLogger(__name__)
 
@@ -140,33 +147,90 @@ def to_txt(segments: Sequence[Segment]) -> str:
 # Naming
 # ---------------------------------------------------------------------------------------------
 
+_MAX_COMPONENT_BYTES = 200   # file systems take 255 per name: room for ".mp3", "~<id>" and ".jsonl"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")   # NUL and the other control characters
+
+
 def _path_of(uri: str) -> str:
     """The path part of a URI (protocol and bucket kept as a directory for remote URIs)."""
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
+def _components(uri: str) -> list[str]:
+    """The path of ``uri`` as components that are safe to write under a directory: ``\\`` is a
+    separator too, empty and ``.`` components go, ``..`` becomes ``__``, control characters
+    (NUL included) become ``_``, and a component too long for a file system is cut and given
+    a hash of itself."""
+    out = []
+    for c in _path_of(uri).replace("\\", "/").split("/"):
+        if c in ("", "."):
+            continue
+        c = "__" if c == ".." else _UNSAFE.sub("_", c)
+        if len(c.encode("utf-8")) > _MAX_COMPONENT_BYTES:
+            digest = hashlib.sha1(c.encode("utf-8")).hexdigest()[:8]
+            c = c.encode("utf-8")[:_MAX_COMPONENT_BYTES - 9].decode("utf-8", "ignore") + "~" + digest
+        out.append(c)
+    return out
+
+
+def _clash_key(name: str) -> str:
+    """Names that one file system could store as one file (case-insensitive, Unicode-normalising
+    ones: macOS, Windows) clash."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _clashes(names: Mapping[str, str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for uri, name in names.items():
+        groups[_clash_key(name)].append(uri)
+    return [members for members in groups.values() if len(members) > 1]
+
+
 def output_names(uris: Iterable[str]) -> dict[str, str]:
-    """uri -> relative output name without the format extension (see the module docstring)."""
+    """uri -> relative output name without the format extension (see the module docstring).
+
+    Every name stays under the export directory (no absolute path, no ``..``) and no two are
+    the same, also on a case-insensitive file system: inputs whose names clash keep their
+    extension (``x.mp3``, ``x.wav``), again until nothing clashes (``x.mp3`` and ``x.mp3.wav``),
+    and names that still clash get ``~`` and their file id's first hex digits."""
     uris = sorted(set(uris))
     if not uris:
         return {}
-    paths = {u: _path_of(u) for u in uris}
-    dirs = [posixpath.dirname(p) for p in paths.values()]
-    try:
-        common = posixpath.commonpath(dirs)
-    except ValueError:  # absolute and relative paths mixed
-        common = ""
-    names: dict[str, str] = {}
-    for u, p in paths.items():
-        rel = posixpath.relpath(p, common) if common else p.lstrip("/")
-        names[u] = posixpath.splitext(rel)[0]
-    clashes = collections.Counter(names.values())
-    for u, p in paths.items():
-        if clashes[names[u]] > 1:
-            rel = posixpath.relpath(p, common) if common else p.lstrip("/")
-            names[u] = rel  # keep the input's extension: x.mp3.srt, x.wav.srt
-            log.warning("two inputs share the name %s: writing %s.<format>", posixpath.splitext(rel)[0], rel)
+    parts = {u: _components(u) or ["unnamed"] for u in uris}
+    dirs = [p[:-1] for p in parts.values()]
+    common = 0
+    while all(len(d) > common and d[common] == dirs[0][common] for d in dirs):
+        common += 1
+    full = {u: "/".join(p[common:]) for u, p in parts.items()}
+    names = {u: posixpath.join(posixpath.dirname(full[u]), posixpath.splitext(posixpath.basename(full[u]))[0]
+                               or posixpath.basename(full[u])) for u in uris}
+    digits = 8
+    while groups := _clashes(names):
+        restored = False
+        for members in groups:
+            for u in members:
+                if names[u] != full[u]:
+                    names[u], restored = full[u], True
+        if restored:
+            continue
+        for members in groups:
+            for u in members:
+                names[u] = f"{full[u]}~{file_id_for(u)[:digits]}"
+        digits += 8
+        if digits > 16:
+            for members in _clashes(names):
+                for i, u in enumerate(sorted(members)):
+                    names[u] = f"{names[u]}~{i}"
+            break
+    for u in uris:
+        if names[u] != posixpath.splitext(full[u])[0]:
+            log.warning("%s: another input has the same name; writing %s.<format>", u, names[u])
     return names
+
+
+def _inside(root: str, path: str) -> bool:
+    root = posixpath.normpath(root or "/")
+    return posixpath.commonpath([root, posixpath.normpath(path)]) == root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +270,7 @@ def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, 
         log.warning("no %s segments under %s%s", task, out, f" for URIs starting with {where!r}" if where else "")
     names = output_names(by_uri)
     fs, root = fsspec.core.url_to_fs(to, **dict(to_storage_options or {}))
-    root = root.rstrip("/")
+    root = root.rstrip("/") or "/"
     written, n_segments, skipped = [], 0, 0
     for uri in sorted(by_uri):
         segs = by_uri[uri]
@@ -226,6 +290,8 @@ def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, 
         else:
             content = to_txt(segs)
         path = posixpath.join(root, f"{rec_id}.{fmt}")
+        if not _inside(root, path):   # output_names never makes such a name; never write one
+            raise ValueError(f"export name {rec_id!r} of {uri} would leave {to}")
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "w", encoding="utf-8") as f:
             f.write(content)

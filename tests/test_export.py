@@ -109,6 +109,58 @@ def test_name_clashes_keep_extensions():
         "s3://bucket/pod/e1.mp3": "e1", "s3://bucket/pod/e2.mp3": "e2"}
 
 
+def test_names_stay_unique_after_every_rename():
+    names = export.output_names(["/a/clash.mp3", "/a/clash.wav", "/a/clash.mp3.wav"])
+    assert names == {"/a/clash.mp3": "clash.mp3", "/a/clash.wav": "clash.wav", "/a/clash.mp3.wav": "clash.mp3.wav"}
+    # one file on a case-insensitive file system (macOS, Windows): still two outputs
+    names = export.output_names(["/a/Talk.mp3", "/a/talk.mp3", "/a/other.mp3"])
+    assert len({n.casefold() for n in names.values()}) == 3 and names["/a/other.mp3"] == "other"
+    # the same key listed twice is one input
+    assert export.output_names(["/a/x.mp3", "/a/x.mp3"]) == {"/a/x.mp3": "x"}
+
+
+HOSTILE_KEYS = [
+    "s3://b/pod/../../../../outside/evil.mp3", "s3://b/pod/..\\..\\..\\win.mp3", "s3://b/pod/\x00nul.mp3",
+    "s3://b/pod//double//slash.mp3", "s3://b/pod/./dot.mp3", "s3://b/pod/..", "s3://b/pod/", "s3://b//abs.mp3",
+    "/etc/passwd", "s3://b/pod/" + "x" * 600 + ".mp3", "s3://b/pod/ep1.mp3",
+]
+
+
+def test_no_name_leaves_the_export_directory():
+    names = export.output_names(HOSTILE_KEYS)
+    assert names["s3://b/pod/ep1.mp3"] != names["s3://b/pod/../../../../outside/evil.mp3"]
+    assert len(set(names.values())) == len(HOSTILE_KEYS)
+    root = "/export/here"
+    for uri, name in names.items():
+        assert name and not name.startswith("/") and "\x00" not in name and "\\" not in name, (uri, name)
+        assert ".." not in name.split("/"), (uri, name)
+        path = os.path.normpath(os.path.join(root, name + ".jsonl"))
+        assert path.startswith(root + "/"), (uri, name)
+        assert all(len(c.encode()) <= 255 for c in path.split("/")), (uri, name)
+
+
+def test_export_of_clashing_and_escaping_inputs_writes_one_file_each_inside_to(tmp_path):
+    from datetime import datetime, timezone
+
+    from pipelines import commit as cm
+
+    out = str(tmp_path / "out")
+    files = {name: ("ok", None, 20.0, "mp3", "mp3") for name in (
+        "clash.mp3", "clash.wav", "clash.mp3.wav", "../../../../outside/evil.mp3", "deep/../../../up.mp3",
+        "sub\\..\\..\\win.mp3")}
+    cm.Committer(cm.OutputStore(out), fx.RUN1).commit(*fx.tables(fx.RUN1, files, datetime(2026, 1, 1, tzinfo=timezone.utc)))
+    to = tmp_path / "export" / "here"
+    res = export.export(out, fmt="jsonl", task="transcribe", to=str(to))
+    written = _files(to)
+    assert len(res.files) == len(written) == len(files), written
+    assert {"clash.mp3.jsonl", "clash.wav.jsonl", "clash.mp3.wav.jsonl"} <= set(written)
+    assert _files(tmp_path) == sorted([os.path.join("export", "here", w) for w in written] +
+                                      [os.path.relpath(os.path.join(r, f), tmp_path)
+                                       for r, _, fs in os.walk(tmp_path / "out") for f in fs])
+    ids = {json.loads(line)["recording_id"] for w in written for line in open(to / w)}
+    assert len(ids) == len(files)
+
+
 def test_cli_export(out, tmp_path, capsys):
     import argparse
 
