@@ -1,10 +1,14 @@
-"""Shared fixtures: a local S3 endpoint (moto) and fsspec options to reach it."""
+"""Shared fixtures: a local S3 endpoint (moto) and fsspec options to reach it, one local Ray; the
+tiny model's fixtures (tiny_model, tiny_parts, clips, embeds, single_embeds) come from
+tests/model_fixtures.py as a plugin, so no test imports a fixture by name."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.s3_server import MotoS3, restore_environ, set_fake_credentials
+
+pytest_plugins = ["tests.model_fixtures"]
 
 
 @pytest.fixture(scope="session")

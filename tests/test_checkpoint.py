@@ -20,7 +20,7 @@ from salmonn.checkpoint import (
     official_state_dict,
     read_state_dict,
 )
-from tests.model_fixtures import make_clip, pad_batch, tiny_model, tiny_parts  # noqa: F401
+from tests.model_fixtures import make_clip, pad_batch
 
 LORA = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\.lora_[AB]\.default\.weight$")
 

@@ -9,15 +9,7 @@ import torch
 
 from salmonn import GenerationSettings, Task
 from salmonn.prompts import split_prompt
-from tests.model_fixtures import (  # noqa: F401  (fixtures)
-    CLIP_SECONDS,
-    clips,
-    embeds,
-    make_clip,
-    pad_batch,
-    single_embeds,
-    tiny_model,
-)
+from tests.model_fixtures import CLIP_SECONDS, make_clip, pad_batch
 
 PROMPTS = (
     "Please describe the audio.",
