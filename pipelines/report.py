@@ -31,6 +31,7 @@ from pipelines import commit as cm
 from pipelines import stage_times
 from pipelines.labels import segment_label
 from pipelines.stage_times import StageTime
+from schemas.vocabulary import FINISH_SKIPPED
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,15 @@ class ReportData:
     samples: tuple[Sample, ...]
     latest_counts: dict[str, int]          # archive-wide latest view: status -> files
     model_ids: tuple[str, ...]
+    speech_hours: float | None = None      # files.speech_s summed (None: the speech gate was off)
+    skipped_rows: dict[str, int] = dataclasses.field(default_factory=dict)   # no_speech / silence -> rows
+
+    @property
+    def generations_saved(self) -> float | None:
+        """Share of the segment rows the speech gate answered without generating."""
+        if not self.segment_rows or self.speech_hours is None:
+            return None
+        return sum(self.skipped_rows.values()) / self.segment_rows
 
     @property
     def n_files(self) -> int:
@@ -131,7 +141,9 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
     if not wall_s and record.get("started_at") and record.get("finished_at"):
         wall_s = (_ts(record["finished_at"]) - _ts(record["started_at"])).total_seconds()
 
-    seg_cols = segs.select(["file_id", "task", "text", "label", "n_output_tokens"]).to_pydict()
+    seg_cols = segs.select(["file_id", "task", "text", "label", "n_output_tokens", "finish_reason"]).to_pydict()
+    speech = [r["speech_s"] for r in frows if r.get("speech_s") is not None]
+    skipped = collections.Counter(f for f in seg_cols["finish_reason"] if f in FINISH_SKIPPED)
     tasks = collections.Counter(seg_cols["task"])
     labels = collections.Counter(
         lb for lb in map(_label, seg_cols["task"], seg_cols["text"], seg_cols["label"]) if lb)
@@ -151,6 +163,7 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
         latest_counts=dict(collections.Counter(latest_files["status"].to_pylist())),
         model_ids=tuple(sorted({r["model_id"] for r in frows if r["model_id"]} | (
             {record["model_id"]} if record.get("model_id") else set()))),
+        speech_hours=sum(speech) / 3600 if speech else None, skipped_rows=dict(skipped),
     )
 
 
@@ -284,6 +297,7 @@ def render_text(d: ReportData) -> str:
         f"wall: {_fmt_s(d.wall_s)}"
         + (f" -> {d.throughput:.1f} audio-h per wall-h" if d.throughput is not None else ""),
         f"segment rows: {d.segment_rows} ({_counts(d.tasks)})",
+        _speech_line(d),
     ]
     if d.label_counts:
         lines.append(f"emotion labels: {_counts(d.label_counts)}")
@@ -315,6 +329,15 @@ def render_text(d: ReportData) -> str:
     lines.append(f"archive (latest result of each file, {len(d.runs)} run{'s' if len(d.runs) != 1 else ''}): "
                  f"{_counts(d.latest_counts)}")
     return "\n".join(lines)
+
+
+def _speech_line(d: ReportData) -> str:
+    if d.speech_hours is None or d.generations_saved is None:
+        return "speech gate: off (every task generated on every window)"
+    share = d.speech_hours / d.audio_hours if d.audio_hours else 0.0
+    return (f"speech: {d.speech_hours:.3f} h of {d.audio_hours:.3f} audio h ({share:.0%}); generations saved by "
+            f"the speech gate: {sum(d.skipped_rows.values())} of {d.segment_rows} rows ({d.generations_saved:.0%}: "
+            f"{_counts(d.skipped_rows)})")
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -476,6 +499,9 @@ def render_html(d: ReportData) -> str:
         ("audio-h per wall-h", f"{d.throughput:.1f}" if d.throughput is not None else "-", ""),
         ("segment rows", d.segment_rows, ""),
     ]
+    if d.speech_hours is not None:
+        cards += [("speech hours", f"{d.speech_hours:.3f}", ""),
+                  ("generations saved", f"{d.generations_saved:.0%}" if d.generations_saved is not None else "-", "")]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
