@@ -55,9 +55,10 @@ class ErrorType:
 
 
 _ERRORS = (
-    ErrorType("not_found", DECODE, False, "the file or object does not exist (e.g. deleted after listing)"),
+    ErrorType("not_found", DECODE, False,
+              "the file or object does not exist (e.g. deleted after listing), or a dangling symlink"),
     ErrorType("permission_denied", DECODE, False, "the store refused to open or read it"),
-    ErrorType("not_a_file", DECODE, False, "the URI names a directory"),
+    ErrorType("not_a_file", DECODE, False, "the URI names a directory (or an object-store prefix)"),
     ErrorType("symlink_loop", DECODE, False, "a local path whose symbolic links loop (too many levels of links)"),
     ErrorType("not_a_regular_file", DECODE, False,
               "a FIFO, socket or device: not read, as reading it could block or never end"),
@@ -69,9 +70,11 @@ _ERRORS = (
     ErrorType("unsupported_codec", DECODE, False, "an audio stream whose codec this FFmpeg build cannot decode"),
     ErrorType("empty_audio", DECODE, False, "the audio stream decoded to no samples at all"),
     ErrorType("too_long", DECODE, False,
-              "declared duration far beyond `max_duration_s` (error, nothing decoded), or the decoded "
-              "audio reached the cap (partial: the first `max_duration_s`)"),
-    ErrorType("decode_error", DECODE, False, "FFmpeg failed demuxing or decoding, part-way (partial) or at once"),
+              "the decoded audio reached `max_duration_s` (partial: the first `max_duration_s`; a header's "
+              "duration is never trusted)"),
+    ErrorType("decode_error", DECODE, False,
+              "FFmpeg failed demuxing or decoding at once (error), or damaged packets or bytes in the middle were "
+              "replaced by silence and the audio after them kept at its time (partial)"),
     ErrorType("truncated", DECODE, False,
               "the stream ended well before the duration its header declares (partial)"),
     ErrorType("non_finite_samples", DECODE, False,
