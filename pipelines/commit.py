@@ -335,19 +335,32 @@ class OutputStore:
 
     def run_version(self, name: str, run_id: str) -> int | None:
         """The table version of ``run_id``'s last commit to table ``name`` (from the commit
-        metadata in the Delta history, newest first), or None."""
+        metadata, newest first), or None."""
+        for version, info in self.commit_infos(name):
+            if info.get("run_id") == run_id:
+                return version
+        return None
+
+    def commit_infos(self, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(version, commitInfo) of table ``name``'s commits, newest first, as long as the log
+        keeps them. Reads one log object per version: the Delta log's JSON-lines commit files
+        hold one ``commitInfo`` action each. (``DeltaTable.history`` reads the same, but holds
+        Python's GIL while it waits for the store, which stalls an S3 server running in this
+        process, as the tests' is.)"""
         dt_ = self.table(name)
         if dt_ is None:
-            return None
-        limit = 64
-        while True:
-            hist = dt_.history(limit)
-            for h in hist:
-                if h.get("run_id") == run_id:
-                    return int(h["version"])
-            if len(hist) < limit:
-                return None
-            limit *= 4
+            return
+        for version in range(dt_.version(), -1, -1):
+            path = self.path(name, "_delta_log", f"{version:020d}.json")
+            try:
+                lines = self.fs.cat_file(path).decode().splitlines()
+            except FileNotFoundError:   # removed by log cleanup (older than the log retention)
+                return
+            for line in lines:
+                action = json.loads(line) if line.strip() else {}
+                if "commitInfo" in action:
+                    yield version, action["commitInfo"]
+                    break
 
     def committed_seq(self, run_id: str) -> int:
         """The last complete commit seq of ``run_id`` (0: none)."""
@@ -614,16 +627,10 @@ class Committer:
         """The files of the interrupted commit (segments written, files not), from its metadata."""
         if self.in_flight_seq is None:
             return []
-        dt_ = self.tables["segments"]
-        limit = 16
-        while True:
-            hist = dt_.history(limit)
-            for h in hist:
-                if h.get("run_id") == self.run_id and str(h.get("seq")) == str(self.in_flight_seq):
-                    return [i for i in str(h.get("file_ids", "")).split(",") if i]
-            if len(hist) < limit:
-                return []
-            limit *= 4
+        for _, info in self.store.commit_infos("segments"):
+            if info.get("run_id") == self.run_id and str(info.get("seq")) == str(self.in_flight_seq):
+                return [i for i in str(info.get("file_ids", "")).split(",") if i]
+        return []
 
     def settle_in_flight(self, redo_ids: Iterable[str]) -> list[str]:
         """After a crash between the two table commits: remove the interrupted commit's segment
