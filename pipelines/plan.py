@@ -118,6 +118,9 @@ class Plan:
     list_s: float
     probe_files: int
     probe_bytes: int
+    speech_gate: bool = False            # --speech-gate on: tasks that need speech skip windows without it
+    speech_tasks: tuple[str, ...] = ()   # the tasks the gate can skip
+    speech_measured: tuple[float, float] | None = None   # earlier runs here: (speech h, audio h) of their files
 
     def count(self, action: str) -> int:
         return sum(1 for f in self.files if f.action == action)
@@ -158,6 +161,9 @@ class Plan:
             "throughput_audio_h_per_gpu_h": self.throughput, "throughput_source": self.throughput_source,
             "gpu_hours": self.gpu_hours,
             "list_s": self.list_s, "probe_files": self.probe_files, "probe_bytes": self.probe_bytes,
+            "speech_gate": self.speech_gate, "speech_tasks": list(self.speech_tasks),
+            "speech_hours_measured": self.speech_measured[0] if self.speech_measured else None,
+            "audio_hours_measured": self.speech_measured[1] if self.speech_measured else None,
             "files": [dataclasses.asdict(f) for f in self.files],
         }
 
@@ -189,6 +195,7 @@ class Plan:
             detail = f" ({sources[0][1]})" if sources else ""
         lines.append(f"audio to process: {'~' if est else ''}{_hours(self.audio_hours())}{detail}")
         lines.append(f"windows: {self.windows:,} x {len(self.tasks)} tasks = {self.rows:,} result rows")
+        lines.append(self._speech_line())
         lines.append(f"GPU estimate: ~{_hours(self.gpu_hours, 'GPU-h')} at {self.throughput:g} audio-h per GPU-h "
                      f"({self.throughput_source}; set --throughput to change)")
         if self.probe_files:
@@ -204,6 +211,19 @@ class Plan:
                 lines.append(f"  {f.action:<15}{dur:<28}{f.windows:>6} win  {f.uri}"
                              + (f"  [{f.over_limit}]" if f.over_limit else ""))
         return "\n".join(lines)
+
+
+    def _speech_line(self) -> str:
+        if not self.speech_gate:
+            return "speech gate: off (every task generated on every window)"
+        line = (f"speech gate: on; {', '.join(self.speech_tasks) or 'no task'} skip windows without speech, "
+                f"every task skips digital silence (speech is measured while decoding: the rows above are "
+                f"an upper bound)")
+        if self.speech_measured and self.speech_measured[1] > 0:
+            speech_h, audio_h = self.speech_measured
+            line += (f"; files already processed here: {_hours(speech_h)} of speech in {_hours(audio_h)} of "
+                     f"audio ({speech_h / audio_h:.0%})")
+        return line
 
 
 def _hours(h: float, unit: str = "h") -> str:
@@ -265,11 +285,12 @@ def plan_run(cfg: Any, *, throughput: float | None = None, probe: str = "auto") 
 
     tasks = resolve_tasks(cfg.tasks)
     return make_plan(cfg, task_names=[t.name for t in tasks], chash=config_hash_of(cfg),
-                     throughput=throughput, probe=probe)
+                     throughput=throughput, probe=probe,
+                     speech_tasks=[t.name for t in tasks if t.needs_speech])
 
 
 def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: float | None = None,
-              probe: str = "auto") -> Plan:
+              probe: str = "auto", speech_tasks: Sequence[str] = ()) -> Plan:
     """Plan for config ``cfg`` whose tasks are ``task_names`` and config hash ``chash``."""
     if probe not in ("auto", "always", "never"):
         raise ValueError(f"probe must be auto, always or never, got {probe!r}")
@@ -339,9 +360,20 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
         model=cfg.model, tasks=tuple(task_names), config_hash=chash, window_s=window, hop_s=hop,
         files=tuple(files), throughput=throughput_value, throughput_source=source, list_s=list_s,
         probe_files=len(to_probe), probe_bytes=probe_bytes,
+        speech_gate=bool(getattr(cfg, "speech_gate", False)), speech_tasks=tuple(speech_tasks),
+        speech_measured=_speech_measured(store) if ledger else None,
     )
     log.info("plan: %d files listed, %d to process, %.2f audio h", len(files), len(plan.todo), plan.audio_hours())
     return plan
+
+
+def _speech_measured(store: cm.OutputStore) -> tuple[float, float] | None:
+    """(speech h, audio h) of the committed files whose speech was measured (speech gate on)."""
+    rows = store.read_table("files", columns=["speech_s", "duration_s"]).to_pylist()
+    measured = [(r["speech_s"], r["duration_s"] or 0.0) for r in rows if r["speech_s"] is not None]
+    if not measured:
+        return None
+    return sum(s for s, _ in measured) / 3600, sum(d for _, d in measured) / 3600
 
 
 def _previous_files(store: cm.OutputStore) -> dict[str, dict[str, Any]]:
