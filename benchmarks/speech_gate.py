@@ -292,14 +292,40 @@ def decode_cost(audio_dir: Path, speech: bool, cut_at_pauses: bool = False) -> d
     stage = DecodeStage(speech_gate=speech, cut_at_pauses=cut_at_pauses)
     t0 = time.process_time()
     audio_s = 0.0
-    ratios = []
     for ref in list_inputs(str(audio_dir)):
         for row in stage.file_rows(ref):
             if row.get("end_s") is not None:
                 audio_s += row["end_s"] - row["start_s"]
-                ratios.append(row.get("speech_ratio"))
     cpu = time.process_time() - t0
     return {"cpu_s_per_audio_h": cpu / audio_s * 3600, "x_real_time": audio_s / cpu, "audio_s": audio_s}
+
+
+def cut_comparison(audio_dir: Path) -> dict[str, dict[str, float]]:
+    """Where windows end, against the ground truth: the share of cuts that fall inside a sentence
+    (splitting it between two windows) with today's cut at the window length, the quietest-20-ms
+    snap (--snap-to-silence) and the VAD pause cut (--cut-at-pauses); and the mean window length."""
+    from pipelines.decode import DecodeOptions
+    from pipelines.sources import list_inputs
+    from pipelines.stages import DecodeStage
+
+    out = {}
+    for name, options, pauses in (("fixed 30 s", DecodeOptions(), False),
+                                  ("--snap-to-silence", DecodeOptions(snap_to_silence=True), False),
+                                  ("--cut-at-pauses", DecodeOptions(), True)):
+        stage = DecodeStage(options, cut_at_pauses=pauses)
+        inside = cuts = 0
+        lengths = []
+        for ref in list_inputs(str(audio_dir)):
+            voiced = truth_of(ref.uri[7:] if ref.uri.startswith("file://") else ref.uri)
+            rows = [r for r in stage.file_rows(ref) if r.get("end_s") is not None]
+            lengths += [r["end_s"] - r["start_s"] for r in rows]
+            for r in rows[:-1]:                       # the last window ends with the file
+                at = int(round(r["end_s"] * SR))
+                cuts += 1
+                inside += bool(voiced[max(0, at - 160):at + 160].any())   # within 10 ms of speech
+        out[name] = {"inside": inside / cuts if cuts else float("nan"), "cuts": cuts,
+                     "mean_window_s": float(np.mean(lengths)) if lengths else float("nan")}
+    return out
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -431,8 +457,6 @@ def main() -> None:
     threshold = PipelineConfig(input=".", out=".").speech_threshold
 
     # VAD cost next to decode's own
-    from pipelines.vad import FRAME
-
     pod_dir = archives["podcast"][0]
     probe_windows = []
     from pipelines.sources import list_inputs
@@ -445,6 +469,7 @@ def main() -> None:
     runtimes = vad_cost(probe_windows)
     dec_off = decode_cost(pod_dir, speech=False)
     dec_on = decode_cost(pod_dir, speech=True)
+    cuts = cut_comparison(pod_dir)
 
     import ray
 
@@ -491,9 +516,13 @@ def main() -> None:
     print(f"  gate on:  {dec_on['cpu_s_per_audio_h']:6.2f} CPU-s per audio hour ({dec_on['x_real_time']:.0f}x): "
           f"the VAD adds {dec_on['cpu_s_per_audio_h'] - dec_off['cpu_s_per_audio_h']:.2f} CPU-s per audio hour "
           f"on the decode actors")
+    print("window cuts on the podcast archive (inside a sentence = within 10 ms of a voiced sample):")
+    for name, c in cuts.items():
+        print(f"  {name:20} {c['inside']:6.1%} of {c['cuts']} cuts inside a sentence, mean window "
+              f"{c['mean_window_s']:.1f} s")
     if ov:
-        print(f"overlap, gate on (podcast): decode alone {ov['decode_s']:.1f} s, inference alone {ov['infer_s']:.1f} s, "
-              f"end to end {ov['e2e_s']:.1f} s")
+        print(f"overlap, gate on (podcast): decode alone {ov['decode_s']:.1f} s, inference alone "
+              f"{ov['infer_s']:.1f} s, end to end {ov['e2e_s']:.1f} s")
     saved = {k: 1 - r["on"]["generated"] / r["off"]["generated"] for k, r in results.items()}
     ratio = f"{ov['ratio']:.2f} ({ov['slowest']} alone / end to end)" if ov else "not measured (--no-overlap)"
     print(f"\nspeech_gate: generations saved podcast {saved['podcast']:.1%}, video {saved['video']:.1%}; "
