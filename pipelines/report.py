@@ -174,9 +174,9 @@ def _label(task: str, text: str | None, label: str | None) -> str | None:
 
 def _ts(value: Any) -> dt.datetime:
     if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def throughput_intervals(frows: Sequence[Mapping[str, Any]], record: Mapping[str, Any]) -> list[Interval]:

@@ -41,14 +41,14 @@ def pad_batch(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_model():
     from salmonn import build_tiny
 
     return build_tiny(seed=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_parts() -> tuple[Path, object]:
     from salmonn import write_tiny_parts
 
@@ -61,7 +61,7 @@ def clip_list() -> list[torch.Tensor]:
     return [make_clip(s, seed=i) for i, s in enumerate(CLIP_SECONDS)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clip_embeds() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Embeddings of the six clips encoded as one batch, and each encoded alone."""
     model, clips = _tiny_model(), clip_list()

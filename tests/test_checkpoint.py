@@ -50,7 +50,7 @@ def test_round_trip_is_strict_and_exact(tiny_model):
     assert "llama_model.base_model.model.model.layers.0.self_attn.rotary_emb.inv_freq" in state
     other = build_tiny(seed=1)
     load_salmonn_checkpoint(other, state)  # ... and accepted
-    for key, value in checkpoint_shapes(tiny_model).items():
+    for key in checkpoint_shapes(tiny_model):
         torch.testing.assert_close(other.state_dict()[key], tiny_model.state_dict()[key], rtol=0, atol=0, msg=key)
 
 

@@ -156,7 +156,7 @@ def test_stage_times_from_a_real_ray_dataset(ray_local):
 def test_throughput_clock_restarts_at_resume():
     import datetime as dt
 
-    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     rows = [{"processed_at": t0 + dt.timedelta(hours=1), "duration_s": 36000.0},
             {"processed_at": t0 + dt.timedelta(hours=30), "duration_s": 36000.0}]
     record = {"started_at": t0.isoformat(), "resumes": [(t0 + dt.timedelta(hours=29)).isoformat()]}
