@@ -62,8 +62,8 @@ PROBE_THREADS = 16
 
 # Throughput of the SALMONN stage in audio hours per GPU hour, with the number of tasks the figure
 # was measured with (generation dominates, so the cost scales with the task count).
-# LEAD: placeholders until benchmarks/ publishes measured figures; replace them from the
-# benchmark table (and set THROUGHPUT_SOURCE to name it). --throughput overrides per run.
+# Placeholders, not measurements: benchmarks/ has no throughput figure for these models yet, and
+# THROUGHPUT_SOURCE says so in every plan. --throughput overrides per run.
 THROUGHPUT_AUDIO_H_PER_GPU_H: dict[str, tuple[float, int]] = {
     "salmonn-13b": (40.0, 3),
     "salmonn-7b": (70.0, 3),

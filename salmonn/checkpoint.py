@@ -53,8 +53,8 @@ LEFTOVER_KEYS = (
     re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),
     re.compile(r"^llama_model\..*\.rotary_emb\.inv_freq$"),
 )
-# Buffers in the key map that hold no learned values: loaded when present, not required
-# (the file contents were never listed directly; see SALMONN_FACTS section 8).
+# Buffers in the key map that hold no learned values: loaded when present, not required (whether
+# the official files carry them is inferred from the official code and the files' sizes).
 OPTIONAL_KEYS = frozenset({"speech_Qformer.bert.embeddings.position_ids"})
 
 WEIGHTS_DIR_ENV = "SALMONN_WEIGHTS_DIR"

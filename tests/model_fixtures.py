@@ -1,7 +1,7 @@
-"""Fixtures for the salmonn/ tests (import them into a test module; conftest.py is not ours).
+"""Fixtures for the salmonn/ tests, loaded as a pytest plugin (``pytest_plugins`` in conftest.py).
 
-Expensive objects are built once per process through lru_cache, so modules that import the same
-fixture share one tiny model and one set of part files.
+Expensive objects are built once per process (functools.cache), so every test module that uses
+these fixtures shares one tiny model and one set of part files.
 """
 
 from __future__ import annotations
