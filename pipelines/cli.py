@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -168,6 +169,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (default: 1 if GPUs exist)")
     p.add_argument("--flush-files", type=int, default=32, help="commit every N complete files")
     p.add_argument("--flush-seconds", type=float, default=30.0, help="...or every S seconds")
+    p.add_argument("--stall-timeout-s", type=float,
+                   help="fail the run when no result comes for this long (default: 15 min plus a bound on "
+                        "one inference batch; see the README's cluster section)")
     p.add_argument("--resume", metavar="RUN_ID", help="resume this run explicitly")
     p.add_argument("--fresh", action="store_true", help="never resume: start a new run")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -180,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     storage = parse_kv(args.storage_option, "--storage-option")
     out_storage = parse_kv(args.out_storage_option, "--out-storage-option") if args.out_storage_option else None
     ext = None
-    if args.extensions is not None:
+    if args.extensions:
         ext = tuple(e for e in (x.strip().lower().lstrip(".") for x in args.extensions.split(",")) if e)
         if not ext:
             raise ConfigError(f"--extensions: give comma-separated extensions, got {args.extensions!r}")
@@ -198,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
         fresh=args.fresh, progress=not args.no_progress, speech_gate=args.speech_gate == "on",
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
+        stall_timeout_s=args.stall_timeout_s,
     )
 
 
@@ -244,9 +249,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_pipeline(cfg)
     print(summary.format())
     print(f"\nTables (Parquet): {out}/files/  and  {out}/segments/   (run records: {out}/_runs/)")
-    print("Read the latest result per file, e.g. with DuckDB:")
-    print(f"  duckdb -c \"SELECT uri, task, start_s, text FROM read_parquet('{out}/segments/*/*.parquet') "
-          f"ORDER BY uri, start_s, task\"")
+    print("Read the latest result per file, e.g. with DuckDB (both tables are Delta Lake tables):")
+    query = ("import duckdb, deltalake; segs = deltalake.DeltaTable(%r).to_pyarrow_dataset(); "
+             "duckdb.sql('SELECT uri, task, start_s, text FROM segs ORDER BY uri, start_s, task').show()"
+             % os.path.join(out, "segments"))
+    print(f"  {shlex.quote(sys.executable)} -c {shlex.quote(query)}")
     print("or in Python (manifest-aware):")
     print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
     print(f"Status: salmonn-pipeline status {out}")

@@ -15,7 +15,9 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import posixpath
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,10 +25,14 @@ from fsspec.core import url_to_fs
 
 import salmonn
 from pipelines.decode import DecodeOptions
+from pipelines.sources import is_local_filesystem
 from pipelines.vad import DEFAULT_SPEECH_THRESHOLD, PAUSE_SEARCH_S, VAD_ID
 from salmonn.config import NUMERICS, GenerationSettings
 from salmonn.prompts import Task
 
+# A run's windows are at least this long: the model zero-pads anything shorter to 1 s, so a
+# shorter window or hop only multiplies the rows (a 1 ms window makes 3.6 million per hour).
+MIN_WINDOW_S = 1.0
 RUNS_DIR = "_runs"            # OUT/_runs/<run_id>/run.json holds each run's record
 RUN_RECORD = "run.json"
 
@@ -89,6 +95,7 @@ class PipelineConfig:
     fresh: bool = False
     progress: bool = True
     runtime_env: Mapping[str, Any] | None = None
+    stall_timeout_s: float | None = None         # no result this long fails the run; None: pipelines.watchdog's default
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, list):
@@ -108,6 +115,10 @@ class PipelineConfig:
             raise ConfigError(f"--out: must be a non-empty URI, got {self.out!r}")
         if not isinstance(self.decode, DecodeOptions):
             raise ConfigError(f"decode: must be a DecodeOptions, got {type(self.decode).__name__}")
+        if self.decode.window_s < MIN_WINDOW_S:
+            raise ConfigError(f"--window-s: must be at least {MIN_WINDOW_S:g} s, got {self.decode.window_s!r}")
+        if self.decode.hop_s is not None and self.decode.hop_s < MIN_WINDOW_S:
+            raise ConfigError(f"--hop-s: must be at least {MIN_WINDOW_S:g} s, got {self.decode.hop_s!r}")
         _check_tasks(self.tasks)
         _check_model(self.model, self.model_options)
         for flag, value in (("--num-cpus", self.num_cpus), ("--batch-size", self.batch_size),
@@ -122,6 +133,8 @@ class PipelineConfig:
         if self.gpus_per_infer_actor is not None:
             _finite("--gpus-per-actor", self.gpus_per_infer_actor, minimum=0.0)
         _finite("--flush-seconds", self.flush_seconds, minimum=0.0)
+        if self.stall_timeout_s is not None:
+            _finite("--stall-timeout-s", self.stall_timeout_s, minimum=0.0, strict=True)
         for flag, value in (("--speech-gate", self.speech_gate), ("--cut-at-pauses", self.cut_at_pauses)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag}: must be on or off (a bool), got {value!r}")
@@ -300,6 +313,18 @@ def check_inputs(cfg: PipelineConfig) -> None:
             fs, path = url_to_fs(uri, **dict(cfg.storage_options))
         except (ValueError, ImportError, TypeError) as e:
             raise ConfigError(f"input {uri}: {_one_line(e)}") from e
-        if any(c in path for c in "*?[") or fs.exists(path):
+        if any(c in path for c in "*?[") and not fs.exists(path):
             continue
-        raise ConfigError(f"input not found: {uri}")
+        if not fs.exists(path):
+            raise ConfigError(f"input not found: {uri}")
+        if is_local_filesystem(fs) and not _is_dir_or_regular(path):
+            raise ConfigError(f"input {uri}: not a directory, regular file or manifest (a FIFO or device "
+                              f"is never read)")
+
+
+def _is_dir_or_regular(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True     # listing reports what is wrong with it
+    return stat.S_ISDIR(mode) or stat.S_ISREG(mode)

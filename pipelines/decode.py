@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import logging
 import math
 import numbers
@@ -410,7 +411,10 @@ def _media_s(windower: Windower) -> float:
 
 def _decode(ref: FileRef, options: DecodeOptions, storage_options: dict, probe: _Probe,
             windower: Windower) -> Iterator[Window]:
-    fs, path = url_to_fs(ref.uri, **storage_options)
+    try:
+        fs, path = url_to_fs(ref.uri, **storage_options)
+    except ValueError as e:     # e.g. a manifest entry with a protocol fsspec does not know
+        raise _Reject("not_found", f"no file system for this URI ({e})") from None
     if is_local_filesystem(fs):
         _, st = _local_file(path)      # the file's kind, found without opening it
         size: int | None = st.st_size
@@ -457,6 +461,8 @@ def _local_file(path: str) -> tuple[str, os.stat_result]:
     for i, p in enumerate(candidates):
         try:
             st = os.stat(p)
+        except ValueError:      # a NUL byte: no POSIX path holds one
+            raise _Reject("not_found", "the path contains a NUL byte") from None
         except FileNotFoundError:
             if os.path.islink(p):
                 raise _Reject("not_found", f"dangling symlink: it points to {os.readlink(p)!r}, "
@@ -833,6 +839,7 @@ _SAMPLE_FORMATS = {
     "s32": (np.int32, 1 / 2**31, 0.0), "u8": (np.uint8, 1 / 128, 128.0), "s64": (np.int64, 1 / 2**63, 0.0),
 }
 RESAMPLE_CHUNK = 16384   # input samples gathered before one soxr call (~0.4 s at 44.1 kHz)
+MAX_RESAMPLED = 2**20    # output samples one soxr call may make (4 MiB of float32)
 _NOTHING = ()
 
 
@@ -863,8 +870,9 @@ class _ToMono16k:
         self.non_finite = 0                   # NaN/inf samples replaced by silence so far ...
         self.first_non_finite_offset_s = 0.0  # ... the first this far into the chunk it was in
 
-    def feed(self, frame) -> tuple[np.ndarray, ...] | list[np.ndarray]:
-        """Take one frame; return the 16 kHz chunks that are ready (usually none)."""
+    def feed(self, frame) -> Iterable[np.ndarray]:
+        """Take one frame; return the 16 kHz chunks that are ready (usually none; a list, or an
+        iterator that resamples as it is consumed when the output is big)."""
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
         ready = _NOTHING
         if key != self._key:
@@ -872,9 +880,9 @@ class _ToMono16k:
             self._key = key
             self._start(frame)
         if self._soxr is None:
-            return [*ready, *(self._finite(np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples),
-                                           self.rate)
-                              for out in self._resampler.resample(frame))]
+            return _join(ready, [self._finite(np.frombuffer(out.planes[0], dtype=np.float32, count=out.samples),
+                                              self.rate)
+                                 for out in self._resampler.resample(frame)])
         n = frame.samples
         end = self._fill + n
         if end > self._buf.size:
@@ -884,16 +892,16 @@ class _ToMono16k:
         self._gather(frame, self._buf[self._fill:end], n)
         self._fill = end
         if end >= RESAMPLE_CHUNK:
-            return [*ready, *self._resample(last=False)]
+            return _join(ready, self._resample(last=False))
         return ready
 
-    def drain(self) -> list[np.ndarray]:
+    def drain(self) -> Iterable[np.ndarray]:
         """Resample what is gathered so far (the stream goes on)."""
         return self._resample(last=False) if self._soxr is not None else []
 
-    def flush(self) -> list[np.ndarray]:
+    def flush(self) -> Iterable[np.ndarray]:
         """End of the stream (or of one format): everything still held, resampled."""
-        out = []
+        out: Iterable[np.ndarray] = []
         if self._soxr is not None:
             out = self._resample(last=True)
             self._soxr = None
@@ -922,13 +930,19 @@ class _ToMono16k:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate,
                                                 options=_MIX_OPTIONS)
 
-    def _resample(self, last: bool) -> list[np.ndarray]:
+    def _resample(self, last: bool) -> Iterable[np.ndarray]:
         chunk = self._buf[:self._fill]
         self._gather.to_unit(chunk)
         if self._gather.floating:     # integer samples are always finite
             self._finite(chunk, self._key[2])
-        out = self._soxr.resample_chunk(chunk, last=last)   # a new array: the buffer is reused
         self._fill = 0
+        rate = self._key[2]
+        step = max(1, MAX_RESAMPLED * rate // self.rate)    # input samples per bounded output
+        if chunk.size > step:
+            # A very low input rate (a header claiming 1 Hz) would make one call's output huge:
+            # hand it out a bounded piece at a time, as the caller consumes it.
+            return _resample_pieces(self._soxr, chunk.copy(), step, last)
+        out = self._soxr.resample_chunk(chunk, last=last)   # a new array: the buffer is reused
         return [out] if out.size else []
 
 
@@ -947,6 +961,19 @@ class _ToMono16k:
             self.non_finite += n
             x[bad] = 0.0
         return x
+
+
+def _resample_pieces(stream, chunk: np.ndarray, step: int, last: bool) -> Iterator[np.ndarray]:
+    for i in range(0, chunk.size, step):
+        out = stream.resample_chunk(chunk[i:i + step], last=last and i + step >= chunk.size)
+        if out.size:
+            yield out
+
+
+def _join(a: Iterable[np.ndarray], b: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    if isinstance(a, (list, tuple)) and isinstance(b, list):
+        return [*a, *b]
+    return itertools.chain(a, b)
 
 
 class _Passthrough:

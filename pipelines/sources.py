@@ -199,13 +199,23 @@ def _list_one(src: str, storage_options: dict, keep: frozenset[str] | None,
     info = fs.info(path)  # FileNotFoundError propagates: the source itself is wrong
     if info.get("type") == "directory":
         if recursive:
-            infos = fs.find(path, detail=True, withdirs=False).values()
+            walk_options = {"on_error": _unlisted} if is_local_filesystem(fs) else {}   # s3fs takes none
+            infos = fs.find(path, detail=True, withdirs=False, **walk_options).values()
         else:
             infos = [i for i in fs.ls(path, detail=True) if i.get("type") == "file"]
         return [_ref(fs, i) for i in infos if keep is None or extension(i["name"]) in keep]
     if extension(path) in MANIFEST_EXTENSIONS:
+        if is_local_filesystem(fs) and info.get("type") != "file" and _followed_size_mtime(path)[0] is None:
+            raise ValueError(f"manifest {src}: not a regular file (a FIFO or device is never read)")
         return _from_manifest(fs, path, storage_options)
     return [_ref(fs, info)]
+
+
+def _unlisted(error: Exception) -> None:
+    """A folder of the input that cannot be listed (no permission, removed meanwhile): its files
+    are missing from the run, which the log says."""
+    logger.warning("input folder not listed, its files are left out: %s: %s", type(error).__name__,
+                   escape_uri(str(error)))
 
 
 def _has_magic(path: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 
@@ -62,6 +63,8 @@ RULES = {
     "window negative": (["--window-s", "-5"], "--window-s"),
     "window over the model's 30 s": (["--window-s", "31"], "--window-s"),
     "window nan": (["--window-s", "nan"], "--window-s"),
+    "window under a second": (["--window-s", "0.001"], "--window-s"),
+    "hop under a second": (["--hop-s", "0.01"], "--hop-s"),
     "hop 0": (["--hop-s", "0"], "--hop-s"),
     "hop over the window": (["--window-s", "10", "--hop-s", "11"], "--hop-s"),
     "max duration 0": (["--max-duration-s", "0"], "--max-duration-s"),
@@ -122,6 +125,14 @@ def test_out_pointing_at_a_regular_file(archive, capsys, no_ray):
     assert no_ray == []
 
 
+def test_a_fifo_as_the_input_is_refused_without_reading_it(archive, tmp_path, capsys, no_ray):
+    fifo = tmp_path / "list.txt"
+    os.mkfifo(fifo)          # opening it for reading would block until a writer came
+    rc, lines = _run_cli(["run", str(fifo), "--out", archive["out"]], capsys)
+    assert rc == 2 and len(lines) == 1 and "FIFO" in lines[0], lines
+    assert no_ray == []
+
+
 def test_missing_input_location(archive, capsys, no_ray):
     rc, lines = _run_cli(["run", archive["in"] + "-typo", "--out", archive["out"]], capsys)
     assert rc == 2 and len(lines) == 1 and "input not found" in lines[0] and "-typo" in lines[0], lines
@@ -152,6 +163,9 @@ def test_valid_arguments_build_the_config_they_say(archive):
     assert (cfg.decode.window_s, cfg.decode.hop_s, cfg.batch_size) == (10.0, 5.0, 3)
     assert dict(cfg.model_options) == {"whisper_path": "/models/whisper-large-v2", "numerics": "fp32"}
     assert cfg.extensions == ("mp3", "wav")
+    blank = config_from_args(build_parser().parse_args(["run", archive["in"], "--out", archive["out"],
+                                                        "--extensions", ""]))
+    assert blank.extensions is None          # '' is the default: audio and video extensions
     check_output(cfg)   # an existing, empty output folder is fine
 
 

@@ -202,6 +202,15 @@ def test_a_prefix_named_in_a_manifest_on_object_storage_is_not_a_file(s3fs_clien
     assert (items[-1].status, items[-1].error_type) == ("error", "not_a_file"), items[-1]
 
 
+def test_manifest_entries_no_file_system_can_open(tmp_path):
+    manifest = tmp_path / "odd.txt"
+    manifest.write_text("foo://bucket/x.mp3\nnul\x00byte.mp3\n" + "a" * 300 + ".mp3\n")
+    infos = {r.uri.rsplit("/", 1)[-1][:8]: decode(r)[1] for r in list_inputs(str(manifest))}
+    assert {k: (i.status, i.error_type) for k, i in infos.items()} == {
+        "x.mp3": ("error", "not_found"), "nul\x00byte": ("error", "not_found"), "aaaaaaaa": ("error", "not_found")}
+    assert "Protocol not known" in infos["x.mp3"].error_message
+
+
 # --- non-finite samples ----------------------------------------------------------------------
 
 
@@ -231,6 +240,27 @@ def test_a_down_mix_that_overflows_is_caught_too(tmp_path):
     windows, info = decode(ref_for(path))
     assert (info.status, info.error_type) == ("partial", "non_finite_samples"), info
     assert np.isfinite(joined(windows)).all() and info.duration_s == 4.0
+
+
+def test_a_sample_rate_of_1_hz_does_not_blow_up_memory(tmp_path):
+    """400 KB of PCM that claims 1 Hz: 200,000 samples are 55 hours at 16 kHz. The cap stops the
+    decode, and the resampler hands its output out in bounded pieces (it made 1 GB at once)."""
+    import psutil
+
+    data = (np.random.default_rng(0).standard_normal(200_000) * 3000).astype(np.int16).tobytes()
+    path = tmp_path / "one_hz.wav"
+    path.write_bytes(S.wav_bytes(data, 1, 1))
+    process = psutil.Process()
+    base = peak = process.memory_info().rss
+    n_windows, info = 0, None
+    for item in decode_file(ref_for(path), DecodeOptions(max_duration_s=1800)):
+        peak = max(peak, process.memory_info().rss)
+        if isinstance(item, Window):
+            n_windows += 1
+        else:
+            info = item
+    assert (info.status, info.error_type, info.duration_s, n_windows) == ("partial", "too_long", 1800.0, 60), info
+    assert (peak - base) / 2**20 < 300, f"RSS grew by {(peak - base) / 2**20:.0f} MB"
 
 
 # --- streams the decoder used to give up on --------------------------------------------------
