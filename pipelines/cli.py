@@ -178,7 +178,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The run's configuration, validated; an invalid argument raises :class:`ConfigError`."""
+    """The run's configuration, validated, its inputs checked to exist (for ``run`` and
+    ``plan``); an invalid argument raises :class:`ConfigError`."""
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh exclude each other")
     storage = parse_kv(args.storage_option, "--storage-option")
@@ -191,7 +192,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     decode = decode_options(window_s=args.window_s, hop_s=args.hop_s, snap_to_silence=args.snap_to_silence,
                             channel_mode=args.channel_mode, max_duration_s=args.max_duration_s,
                             max_bytes=args.max_bytes)
-    return PipelineConfig(
+    cfg = PipelineConfig(
         input=args.input[0] if len(args.input) == 1 else tuple(args.input),
         out=args.out, tasks=build_tasks(args), model=args.model,
         model_options=parse_kv(args.model_option, "--model-option"), decode=decode,
@@ -204,14 +205,15 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
         stall_timeout_s=args.stall_timeout_s,
     )
+    check_inputs(cfg)
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import RunFailed, one_line, run_pipeline
 
     cfg = config_from_args(args)
-    check_inputs(cfg)   # the inputs exist, --out is not a file, --resume names a run: before Ray
-    check_output(cfg)
+    check_output(cfg)   # --out is not a file, --resume names a run: before Ray
     if cfg.model == "tiny":
         print(TINY_WARNING, file=sys.stderr)
     try:

@@ -141,6 +141,7 @@ def test_missing_input_location(archive, capsys, no_ray):
 
 @pytest.mark.parametrize("argv", [
     ["plan", "{in}", "--out", "{out}", "--window-s", "0"],
+    ["plan", "{in}-typo", "--out", "{out}"],
     ["demo", "--dir", "{out}", "--num-cpus", "0"],
     ["status", "{out}", "--storage-option", "anon"],
 ])
