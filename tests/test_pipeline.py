@@ -254,6 +254,12 @@ def test_demo_command(tmp_path):
     files = store.read_table("files")
     assert files.num_rows == 6
     assert sorted(files["status"].to_pylist()).count("ok") == 5
+    # every command the demo prints works as printed
+    lines = proc.stdout.splitlines()
+    query = lines[next(i for i, line in enumerate(lines) if line.startswith("Read the latest result")) + 1]
+    ran = subprocess.run(query.strip(), shell=True, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert all(word in ran.stdout for word in ("uri", "task", "start_s", "text", "caption")), ran.stdout
 
 
 def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
