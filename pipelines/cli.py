@@ -252,9 +252,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary.format())
     print(f"\nTables (Parquet): {out}/files/  and  {out}/segments/   (run records: {out}/_runs/)")
     print("Read the latest result per file, e.g. with DuckDB (both tables are Delta Lake tables):")
-    query = ("import duckdb, deltalake; segs = deltalake.DeltaTable(%r).to_pyarrow_dataset(); "
-             "duckdb.sql('SELECT uri, task, start_s, text FROM segs ORDER BY uri, start_s, task').show()"
-             % os.path.join(out, "segments"))
+    segments = os.path.join(out, "segments")
+    query = (f"import duckdb, deltalake; segs = deltalake.DeltaTable({segments!r}).to_pyarrow_dataset(); "
+             "duckdb.sql('SELECT uri, task, start_s, text FROM segs ORDER BY uri, start_s, task').show()")
     print(f"  {shlex.quote(sys.executable)} -c {shlex.quote(query)}")
     print("or in Python (manifest-aware):")
     print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
