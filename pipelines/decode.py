@@ -674,6 +674,7 @@ class _StreamDecoder:
         next_t: float | None = None     # stream time (s) where the next frame should start
         tb: float | None = None
         started = False
+        damaged = False                 # damage seen and no good frame decoded since
         pending = 0.0                   # seconds of refused packets since the last good frame
         last_pos = 0
         resyncs = 0
@@ -696,6 +697,7 @@ class _StreamDecoder:
                         return link
                 probe.demux_errors += 1
                 probe.damage(_media_s(windower), e)
+                damaged = True
                 if resyncs >= MAX_DEMUX_RESYNCS:
                     raise
                 resyncs += 1
@@ -713,40 +715,46 @@ class _StreamDecoder:
                 # good audio follows.
                 probe.bad_packets += 1
                 probe.damage(_media_s(windower), e)
+                damaged = True
                 pending += _packet_s(packet)
                 continue
             for frame in frames:
                 pts = frame.pts
-                if tb is None and frame.time_base:
-                    tb = float(frame.time_base)
-                t = pts * tb if pts is not None and tb is not None else None
-                if probe.first_damage_s is not None:
-                    probe.recovered = True
-                if not started:
-                    started = True
-                    if first_link and windower.n_samples == 0 and t is not None and t > c_start:
-                        windower.set_origin(round((t - c_start) * self.rate))
-                        probe.origin_s = windower.origin / self.rate
-                    pending = 0.0   # damage before the first good frame: the origin places it
-                elif t is not None and next_t is not None:
-                    gap = t - next_t
-                    fill = 0.0
-                    if pending:          # refused packets: the timestamps say how long they were
-                        fill = gap if GAP_EPSILON_S <= gap <= GAP_MAX_S else (pending if gap > GAP_MAX_S else 0.0)
-                    elif GAP_MIN_S <= gap <= GAP_MAX_S:    # bytes the demuxer skipped
-                        probe.gaps += 1
-                        probe.damage(_media_s(windower))
-                        fill = gap
-                    if fill:
-                        yield from self.silence(fill)
-                    pending = 0.0
-                elif pending:
-                    yield from self.silence(pending)
-                    pending = 0.0
+                if tb is None:
+                    tb = float(frame.time_base) if frame.time_base else 0.0
+                t = pts * tb if pts is not None and tb else None
+                if damaged:
+                    probe.recovered, damaged = True, False
+                if pending or next_t is None or t is None or t - next_t >= GAP_MIN_S:
+                    # Not simply the frame after the last one: the first frame, a jump in the
+                    # timestamps, refused packets before it, or no timestamps at all.
+                    if not started:
+                        started = True
+                        if first_link and windower.n_samples == 0 and t is not None and t > c_start:
+                            windower.set_origin(round((t - c_start) * self.rate))
+                            probe.origin_s = windower.origin / self.rate
+                        pending = 0.0   # damage before the first good frame: the origin places it
+                    elif t is not None and next_t is not None:
+                        gap = t - next_t
+                        fill = 0.0
+                        if pending:      # refused packets: the timestamps say how long they were
+                            fill = gap if GAP_EPSILON_S <= gap <= GAP_MAX_S else (pending if gap > GAP_MAX_S else 0.0)
+                        elif gap <= GAP_MAX_S:    # bytes the demuxer skipped over
+                            probe.gaps += 1
+                            probe.damage(_media_s(windower))
+                            probe.recovered = True
+                            fill = gap
+                        if fill:
+                            yield from self.silence(fill)
+                        pending = 0.0
+                    elif pending:
+                        yield from self.silence(pending)
+                        pending = 0.0
+                duration = frame.samples / frame.sample_rate
                 if t is not None:
-                    next_t = t
-                if next_t is not None:
-                    next_t += frame.samples / frame.sample_rate
+                    next_t = t + duration
+                elif next_t is not None:
+                    next_t += duration
                 out = feed(frame)
                 if out:
                     yield from self.push(out)
@@ -949,7 +957,7 @@ class _ToMono16k:
     def _finite(self, x: np.ndarray, rate: int) -> np.ndarray:
         """``x`` with NaN and +-inf replaced by 0 (silence; in place where ``x`` is writable),
         counted: a float file may hold them, and a sum of channels may overflow to them."""
-        if math.isfinite(float(np.add.reduce(x, dtype=np.float64))):
+        if math.isfinite(float(np.dot(x, x))):   # NaN or inf anywhere makes it non-finite
             return x
         bad = ~np.isfinite(x)
         n = int(np.count_nonzero(bad))
