@@ -45,6 +45,7 @@ import mutagen.wave
 from fsspec.core import url_to_fs
 
 from pipelines import commit as cm
+from pipelines.config import config_hash_of, resolve_tasks
 from pipelines.decode import DECLARED_TOO_LONG_FACTOR
 from pipelines.sources import extension, list_inputs
 
@@ -276,13 +277,11 @@ def default_throughput(model: str, n_tasks: int) -> tuple[float, str]:
 
 
 def plan_run(cfg: Any, *, throughput: float | None = None, probe: str = "auto") -> Plan:
-    """The plan for the run ``cfg`` (a :class:`pipelines.run.PipelineConfig`) would make.
+    """The plan for the run ``cfg`` (a :class:`pipelines.config.PipelineConfig`) would make.
 
-    Tasks and the config hash come from ``pipelines.run`` itself, so the plan's skip decisions
-    are the run's. (With ``cfg.tasks`` empty this needs ``salmonn.default_tasks()``.)
+    Tasks and the config hash come from ``pipelines.config``, as the run's do, so the plan's skip
+    decisions are the run's. (With ``cfg.tasks`` empty this needs ``salmonn.default_tasks()``.)
     """
-    from pipelines.run import config_hash_of, resolve_tasks
-
     tasks = resolve_tasks(cfg.tasks)
     return make_plan(cfg, task_names=[t.name for t in tasks], chash=config_hash_of(cfg),
                      throughput=throughput, probe=probe,

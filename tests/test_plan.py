@@ -20,7 +20,7 @@ import schemas
 from pipelines import cli_ops, plan
 from pipelines import commit as cm
 from pipelines.decode import DecodeOptions
-from pipelines.run import PipelineConfig, config_hash_of
+from pipelines.config import PipelineConfig, config_hash_of
 from pipelines.sources import list_inputs
 from salmonn import builtin_task
 
