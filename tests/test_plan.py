@@ -19,8 +19,8 @@ import pytest
 import schemas
 from pipelines import cli_ops, plan
 from pipelines import commit as cm
-from pipelines.decode import DecodeOptions
 from pipelines.config import PipelineConfig, config_hash_of
+from pipelines.decode import DecodeOptions
 from pipelines.sources import list_inputs
 from salmonn import builtin_task
 
