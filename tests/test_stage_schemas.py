@@ -120,3 +120,69 @@ def test_window_rows_round_trip_through_the_predictor_reader():
     (got,) = windows
     assert (got.segment_index, got.start_s, got.end_s, got.file_info) == (4, 8.0, 8.2, None)
     np.testing.assert_array_equal(got.samples, samples)
+
+
+# --- the driver through the real Ray graph -----------------------------------------------------
+
+def _small_archive(directory):
+    from pipelines.synth import noise, tone, write_audio
+
+    directory.mkdir()
+    for i in range(4):
+        write_audio(directory / f"clip{i}.flac", [tone(300.0 + 50 * i, 5.0, 16000), noise(5.0, 16000)][i % 2],
+                    16000, "flac")
+    return directory
+
+
+def test_a_file_whose_results_are_unusable_is_an_error_row_and_the_run_completes(tmp_path, ray_local, monkeypatch):
+    """The predictor hands back rows of an unknown kind for one file (fault hook): that file gets
+    a pipeline_error row naming the reason, its neighbours are ok, the run exits 0."""
+    import json
+
+    from pipelines import commit as cm
+    from pipelines import faults
+    from pipelines.cli import main as cli_main
+
+    audio = _small_archive(tmp_path / "audio")
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "uri_contains": "clip2", "corrupt_kind": "bogus"}]))
+    out = tmp_path / "out"
+    assert cli_main(["run", str(audio), "--out", str(out), "--window-s", "2", "--tasks", "caption",
+                     "--max-new-tokens", "2", "--no-progress", "--speech-gate", "off"]) == 0
+    files = {r["uri"].rsplit("/", 1)[-1]: r for r in cm.OutputStore(str(out)).read_table("files").to_pylist()}
+    assert sorted(files) == [f"clip{i}.flac" for i in range(4)]
+    assert (files["clip2.flac"]["status"], files["clip2.flac"]["error_type"]) == ("error", "pipeline_error")
+    assert "unknown result kind 'bogus'" in files["clip2.flac"]["error_message"]
+    assert all(files[f"clip{i}.flac"]["status"] == "ok" for i in (0, 1, 3))
+
+
+def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resumes(tmp_path, ray_local, monkeypatch,
+                                                                                   capsys):
+    """A commit that raises (the output stopped being writable; fault hook): one line on stderr,
+    exit 1, run.json says failed with the reason (never left at running); the same command
+    without the fault resumes the run and completes it exactly once."""
+    import json
+
+    from pipelines import commit as cm
+    from pipelines import faults
+    from pipelines.cli import main as cli_main
+
+    audio = _small_archive(tmp_path / "audio")
+    out = tmp_path / "out"
+    args = ["run", str(audio), "--out", str(out), "--window-s", "2", "--tasks", "caption", "--max-new-tokens", "2",
+            "--no-progress", "--flush-files", "1", "--flush-seconds", "0", "--speech-gate", "off"]
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "commit", "uri_contains": "clip3", "raise": "disk is full"}]))
+    capsys.readouterr()
+    assert cli_main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "salmonn-pipeline: error" in line]
+    assert len(err) == 1 and "RuntimeError: disk is full" in err[0] and "Traceback" not in err[0]
+    store = cm.OutputStore(str(out))
+    (run_id,) = store.list_runs()
+    rec = store.read_run(run_id)
+    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: disk is full"
+    assert "Traceback" in (out / "_runs" / run_id / "error.txt").read_text()
+
+    monkeypatch.delenv(faults.ENV)
+    assert cli_main(args) == 0
+    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == "completed"
+    files = store.read_table("files").to_pylist()
+    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == [f"clip{i}.flac" for i in range(4)]
