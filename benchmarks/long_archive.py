@@ -173,7 +173,8 @@ def main() -> None:
         print("baseline (decode unbounded):", json.dumps(free, indent=1))
         print(f"ratio (peak decode-actor RSS, baseline / bounded): "
               f"{free['decode_rss_peak_mb'] / max(bounded['decode_rss_peak_mb'], 1e-9):.2f}x; "
-              f"object store peak {free['object_store_shm_peak_mb']:.0f} MB -> {bounded['object_store_shm_peak_mb']:.0f} MB")
+              f"object store peak {free['object_store_shm_peak_mb']:.0f} MB -> "
+              f"{bounded['object_store_shm_peak_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines.decode import FileInfo, Window
-from pipelines.stages import DecodeStage, ResultAssembler, info_to_struct, refs_table
 from pipelines.sources import FileRef
+from pipelines.stages import DecodeStage, ResultAssembler, info_to_struct, refs_table
 from schemas import stage as st
 
 
