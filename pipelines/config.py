@@ -162,13 +162,13 @@ class PipelineConfig:
 
 
 def _positive_int(flag: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
         raise ConfigError(f"{flag}: must be an integer >= 1, got {value!r}")
 
 
 def _finite(flag: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > minimum if strict else value >= minimum))
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = ok and (float(value) > minimum if strict else float(value) >= minimum)
     if not ok:
         raise ConfigError(f"{flag}: must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
 
@@ -184,10 +184,10 @@ def check_setting(label: str, name: str, value: Any) -> None:
         raise ConfigError(f"{label}: unknown setting {name!r}; valid: {', '.join(SETTING_NAMES)}")
     kind, rule = _SETTING_RULES[name]
     if kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
     else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value >= 0 if name == "lora_scale" else value > 0)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+        ok = ok and (float(value) >= 0 if name == "lora_scale" else float(value) > 0)
     if not ok:
         raise ConfigError(f"{label}: must be {rule}, got {value!r}")
 

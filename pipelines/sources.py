@@ -51,7 +51,7 @@ import urllib.parse
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -256,7 +256,7 @@ def _followed_size_mtime(path: str) -> tuple[int | None, datetime | None]:
         st = os.stat(path)   # follows symlinks; never opens (a FIFO would block an open)
     except OSError:          # dangling symlink, symlink loop, no permission on the way
         return None, None
-    mtime = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+    mtime = datetime.fromtimestamp(st.st_mtime, tz=UTC)
     return (st.st_size if stat.S_ISREG(st.st_mode) else None), mtime
 
 
@@ -280,15 +280,15 @@ def _mtime(info: dict[str, Any]) -> datetime | None:
         if value is None:
             continue
         if isinstance(value, datetime):
-            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
         if isinstance(value, (int, float)):
-            return datetime.fromtimestamp(value, tz=timezone.utc)
+            return datetime.fromtimestamp(value, tz=UTC)
         if isinstance(value, str):
             try:
                 parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
                 continue
-            return parsed.astimezone(timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
 
 

@@ -372,10 +372,10 @@ def test_s3_objects_decode_identically_to_local_files(tmp_path, s3fs_client, s3_
     local = list_inputs(str(tmp_path))
     assert [r.uri.rsplit("/", 1)[1] for r in remote] == [r.uri.rsplit("/", 1)[1] for r in local]
     options = DecodeOptions(window_s=1.5)
-    for r, l in zip(remote, local):
-        assert r.uri.startswith("s3://audio/in/") and r.etag and r.size_bytes == l.size_bytes
+    for r, loc in zip(remote, local):
+        assert r.uri.startswith("s3://audio/in/") and r.etag and r.size_bytes == loc.size_bytes
         rw, ri = run(r, options, s3_storage_options)
-        lw, li = run(l, options)
+        lw, li = run(loc, options)
         assert ri.status == li.status == "ok", (ri, li)
         assert (ri.container, ri.codec, ri.sample_rate_in, ri.channels_in, ri.duration_s) == (
             li.container, li.codec, li.sample_rate_in, li.channels_in, li.duration_s)

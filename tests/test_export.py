@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC
 
 import pytest
 import srt
@@ -140,7 +141,7 @@ def test_no_name_leaves_the_export_directory():
 
 
 def test_export_of_clashing_and_escaping_inputs_writes_one_file_each_inside_to(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from pipelines import commit as cm
 
@@ -148,7 +149,7 @@ def test_export_of_clashing_and_escaping_inputs_writes_one_file_each_inside_to(t
     files = {name: ("ok", None, 20.0, "mp3", "mp3") for name in (
         "clash.mp3", "clash.wav", "clash.mp3.wav", "../../../../outside/evil.mp3", "deep/../../../up.mp3",
         "sub\\..\\..\\win.mp3")}
-    cm.Committer(cm.OutputStore(out), fx.RUN1).commit(*fx.tables(fx.RUN1, files, datetime(2026, 1, 1, tzinfo=timezone.utc)))
+    cm.Committer(cm.OutputStore(out), fx.RUN1).commit(*fx.tables(fx.RUN1, files, datetime(2026, 1, 1, tzinfo=UTC)))
     to = tmp_path / "export" / "here"
     res = export.export(out, fmt="jsonl", task="transcribe", to=str(to))
     written = _files(to)

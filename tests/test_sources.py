@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +53,7 @@ def test_file_ref_fields(tree):
     (ref,) = [r for r in list_inputs(str(tree)) if r.uri.endswith("c.flac")]
     assert ref.uri == str(tree / "sub" / "c.flac") and os.path.isabs(ref.uri)
     assert ref.size_bytes == 30 and ref.etag is None
-    assert ref.mtime == datetime.fromtimestamp(os.stat(ref.uri).st_mtime, tz=timezone.utc)
+    assert ref.mtime == datetime.fromtimestamp(os.stat(ref.uri).st_mtime, tz=UTC)
     assert ref.mtime.tzinfo is not None
     assert ref.file_id == hashlib.sha1(ref.uri.encode()).hexdigest()[:16] == file_id_for(ref.uri)
     assert ref.version == f"30-{ref.mtime.isoformat()}"
