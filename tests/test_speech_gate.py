@@ -293,6 +293,21 @@ def test_pipeline_run_gate_on_and_off(archive, ray_local, tmp_path):
     assert {r["config_hash"] for r in files_off} == {config_hash_of(off_cfg)}
     assert config_hash_of(off_cfg) != config_hash_of(base)
 
+    # report and plan show speech hours against audio hours, and the generations saved
+    from pipelines import plan, report
+
+    skipped = sum(r["finish_reason"] in (FINISH_NO_SPEECH, FINISH_SILENCE) for r in segs_on)
+    rep = report.collect(str(tmp_path / "on"))
+    assert rep.speech_hours == pytest.approx(sum(f["speech_s"] for f in files_on.values()) / 3600)
+    assert rep.generations_saved == pytest.approx(skipped / len(segs_on)) and 0 < skipped < len(segs_on)
+    assert f"{skipped} of {len(segs_on)} rows" in report.render_text(rep)
+    assert "speech hours" in report.render_html(rep)
+    assert "speech gate: off" in report.render_text(report.collect(str(tmp_path / "off")))
+    p = plan.plan_run(base, probe="never")
+    assert p.speech_gate and p.speech_tasks == ("transcribe", "emotion")
+    assert p.speech_measured[0] == pytest.approx(rep.speech_hours)
+    assert "speech gate: on" in p.format()
+
 
 @pytest.mark.slow
 def test_speech_gate_benchmark_smoke(tmp_path):
