@@ -8,10 +8,10 @@ Two runtimes, same weights, same probabilities (within ~1e-4):
 
 * ``"onnx"`` (default): the wheel's *sequence* export (``silero_vad_16k_sequence.onnx``), which
   takes all the frames of a window in one onnxruntime call (the convolutional front-end runs on
-  every frame at once, only the LSTM steps through them). Measured on one CPU thread: ~950x real
-  time per CPU-second, as fast as the per-frame ONNX model batched over 8 windows and 1.6x the
-  TorchScript model batched over 8 windows (~600x); 5.5x the TorchScript model fed one frame at a
-  time (~175x). It needs no batch of windows to be fast, so a decode actor runs it on each window
+  every frame at once, only the LSTM steps through them). Measured on one CPU thread: ~900x real
+  time per CPU-second, as fast as the per-frame ONNX model batched over 8 windows and 1.5x the
+  TorchScript model batched over 8 windows (~600x); 5x the TorchScript model fed one frame at a
+  time (~170x). It needs no batch of windows to be fast, so a decode actor runs it on each window
   as the window is cut (``benchmarks/speech_gate.py`` has the figures).
 * ``"jit"``: the TorchScript model, batched over windows (one call per frame for the whole batch),
   on any torch device; the reference the ONNX path is checked against.
@@ -55,7 +55,7 @@ STATE = 128                         # LSTM width
 # The speech gate's default: a window is "speech" when at least 2% of it (0.6 s of 30 s) lies in
 # speech segments. Measured (benchmarks/speech_gate.py --calibrate): tones, white/pink noise, ALSA's
 # Noise.wav, music-like signals and silence give 0.000 (no frame reaches 0.35); one 1.4 s ALSA
-# voice announcement in 30 s gives 0.035-0.042; windows with >= 20% espeak speech give >= 0.13.
+# voice announcement in 30 s gives 0.035-0.044; windows with >= 20% espeak speech give >= 0.13.
 DEFAULT_SPEECH_THRESHOLD = 0.02
 
 # What the config hash records about the detector: a change here changes which windows are gated.
