@@ -51,7 +51,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -133,9 +133,9 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-@dataclasses.dataclass(frozen=True)
-class CommittedFile:
-    """What the ledger says about one committed file (enough to decide skips)."""
+class CommittedFile(NamedTuple):
+    """What the ledger says about one committed file (enough to decide skips). A named tuple:
+    the ledger makes one per file in the table."""
 
     file_id: str
     uri: str
@@ -174,7 +174,7 @@ class CommitRecord:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        d["files"] = [dataclasses.asdict(f) for f in self.files]
+        d["files"] = [f._asdict() for f in self.files]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -380,6 +380,29 @@ class OutputStore:
                                      config_hash=cols["config_hash"][i], status=cols["status"][i],
                                      error_type=cols["error_type"][i], run_id=cols["run_id"][i], seq=0)
         return out
+
+    def pending(self, refs: Sequence[Any], cfg_hash: str) -> list[Any]:
+        """The listed files (``FileRef``-like: uri, version) that need processing under config
+        ``cfg_hash``: :func:`is_done` for every file, decided in one Arrow join of the listing
+        with the ledger columns of ``files`` (no Python object per table row)."""
+        refs = list(refs)
+        t = self.read_table("files", columns=["uri", "version", "etag", "size_bytes", "mtime", "config_hash",
+                                              "error_type"])
+        if t.num_rows == 0 or not refs:
+            return refs
+        if t["version"].null_count:  # rows written without the column: the listing's own rule
+            versions = [v if v is not None else _version_of(e, s, m) for v, e, s, m in zip(
+                *(t[c].to_pylist() for c in ("version", "etag", "size_bytes", "mtime")))]
+            t = t.set_column(t.schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
+        listed = pa.table({"uri": pa.array([r.uri for r in refs], pa.string()),
+                           "listed_version": pa.array([r.version for r in refs], pa.string()),
+                           "i": pa.array(range(len(refs)), pa.int64())})
+        joined = listed.join(t.select(["uri", "version", "config_hash", "error_type"]), "uri", join_type="inner")
+        done = pc.and_(pc.and_(pc.equal(joined["version"], joined["listed_version"]),
+                               pc.equal(joined["config_hash"], pa.scalar(cfg_hash, pa.string()))),
+                       pc.invert(pc.is_in(joined["error_type"], pa.array(sorted(RETRYABLE_ERRORS), pa.string()))))
+        done_rows = set(joined.filter(pc.fill_null(done, False))["i"].to_pylist())
+        return [r for i, r in enumerate(refs) if i not in done_rows]
 
     def data_files(self, name: str) -> list[str]:
         """fsspec paths of the data files of table ``name``'s latest version."""

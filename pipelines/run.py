@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -29,11 +30,12 @@ import pyarrow as pa
 
 import pipelines
 import schemas
+from schemas.vocabulary import RUN_INTERRUPTED
 from pipelines import commit as cm
 from pipelines import faults
-from pipelines import storage
+from pipelines import stage_times, storage
 from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH
-from pipelines.config import PipelineConfig, config_hash_of, model_id_for, resolve_tasks
+from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
 from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
 from pipelines.stages import (
@@ -45,6 +47,7 @@ from pipelines.stages import (
     error_info,
     refs_table,
 )
+from pipelines.watchdog import stall_timeout_s, watch_dataset
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +318,8 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
     if cfg.address:
         ray.init(address=cfg.address, **kwargs)
     else:
-        # "local" always starts a fresh instance (never a stale cluster file; RAY_NOTES section 9).
+        # "local" always starts a fresh instance: after an unclean exit Ray's current-cluster file
+        # can remain, and a plain init would try to join that dead cluster.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
     try:
         yield
@@ -339,7 +343,11 @@ class RayAttemptLedger:
 
 
 def start_ledger() -> RayAttemptLedger:
+    """The attempt counter of one pass, pinned to the driver's node: it must live exactly as long
+    as the driver. Left to default placement it lands on any node, and when that node dies every
+    later ``begin`` raises, so the pass drops those batches and the isolating pass redoes them."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class AttemptCounter:
@@ -353,7 +361,8 @@ def start_ledger() -> RayAttemptLedger:
         def end(self, key: str) -> None:
             self.counts.pop(key, None)
 
-    return RayAttemptLedger(AttemptCounter.remote())
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RayAttemptLedger(AttemptCounter.options(scheduling_strategy=driver_node).remote())
 
 
 MIN_OBJECT_STORE_BUDGET = 64 * 2**20   # bytes; below this Ray Data's own blocks would throttle it
@@ -370,22 +379,41 @@ class Resources:
     gpus_per_infer_actor: float
     cpus_per_infer_actor: float
     batch_size: int
+    cpus_per_decode_actor: float = 1.0
 
 
-def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = None) -> Resources:
+def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = None,
+                   nodes: Sequence[Mapping[str, float]] | None = None) -> Resources:
     """Actor pool sizes and the inference batch size for this cluster (explicit settings win).
 
     One inference actor per GPU (or ``gpus_per_infer_actor``), one on a CPU-only cluster; the
     remaining CPUs decode. Batches are bigger on GPU actors, where a decoding step costs about the
     same for 24 rows as for 96 (reading the weights dominates); a batch too big for the GPU's
     memory makes the predictor halve what it runs at once (``pipelines.infer``), it does not fail.
-    ``cluster``: the cluster's resources (default: ``ray.cluster_resources()`` of the connected Ray).
+    ``cluster``: the cluster's resources (default: ``ray.cluster_resources()`` of the connected Ray);
+    ``nodes``: each alive node's resources (default: from ``ray.nodes()`` when ``cluster`` is not
+    given; None = one node).
+
+    Headroom rule: when a node dies, Ray restarts its actors on the nodes left, and Ray Data waits
+    without a limit for a restarted actor that finds no free slot. So the inference actors plus one
+    decode actor must fit in the CPUs that survive the loss of the largest node (all CPUs on a
+    one-node cluster): each actor asks for ``min(1, surviving CPUs / (inference actors + 1))``
+    CPUs, rounded down to 0.01. With a few CPUs per node that is 1 CPU; only clusters of 1-CPU
+    nodes, or a 1-CPU machine, get fractions (a request bounds how many actors a node takes, not
+    the CPU a process uses). The decode pool autoscales from 1 to ``decode_actors`` and Ray Data
+    releases idle decode actors (held back by backpressure, or out of input), which frees the CPUs
+    a restarted actor needs. GPUs get no headroom, which would idle a GPU: the inference actor of a
+    lost GPU node waits for a replacement node (an autoscaler adds one for it); without one the
+    watchdog (``pipelines.watchdog``) ends the run, and the same command, planned for the nodes
+    left, resumes it.
     """
     if cluster is None:
         import ray
 
         cluster = ray.cluster_resources()
-    cpus = int(cluster.get("CPU", 1))
+        if nodes is None:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = float(cluster.get("CPU", 1))
     gpus = int(cluster.get("GPU", 0))
     gpus_per = cfg.gpus_per_infer_actor if cfg.gpus_per_infer_actor is not None else (1.0 if gpus else 0.0)
     if cfg.infer_actors:
@@ -394,10 +422,12 @@ def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = No
         n_infer = max(1, int(gpus / gpus_per))
     else:
         n_infer = 1
-    infer_cpus = 1.0
-    n_decode = cfg.decode_actors or max(1, min(64, cpus - int(n_infer * infer_cpus)))
+    node_cpus = [float(n.get("CPU", 0)) for n in nodes or () if n.get("CPU", 0) > 0]
+    surviving = cpus - max(node_cpus) if len(node_cpus) > 1 else cpus
+    per_actor = max(0.01, min(1.0, math.floor(100 * surviving / (n_infer + 1)) / 100))
+    n_decode = cfg.decode_actors or max(1, min(64, int(cpus - n_infer * per_actor)))
     batch_size = cfg.batch_size or (GPU_BATCH_SIZE if gpus_per > 0 else CPU_BATCH_SIZE)
-    return Resources(n_decode, n_infer, gpus_per, infer_cpus, batch_size)
+    return Resources(n_decode, n_infer, gpus_per, per_actor, batch_size, per_actor)
 
 
 def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any], buffer: CommitBuffer, *,
@@ -452,7 +482,7 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),
-        num_cpus=1,
+        num_cpus=plan.cpus_per_decode_actor,
         runtime_env=stage_env,
     )
     ds = ds.map_batches(
@@ -469,19 +499,22 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         runtime_env=stage_env,
     )
     assembler = ResultAssembler([t.name for t in tasks])
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # No result for the stall timeout (a restarted actor with nowhere to run) raises StallError.
+    for batch in watch_dataset(ds, ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+                               stall_timeout_s(cfg, tasks, batch_size, plan)):
         done, failed = assembler.add(batch)
         buffer.add(done)
         buffer.add_failed(failed)
         buffer.progress.tick()
     buffer.flush()
-    try:
-        stats = ds.stats()
-    except Exception:  # noqa: BLE001 - stats are informational
-        stats = ""
+    try:   # Ray Data's structured per-operator stats (a private accessor: informational only)
+        times = stage_times.to_record(stage_times.from_ray_summary(ds._get_stats_summary()))
+    except Exception as e:  # noqa: BLE001
+        log.info("no stage times for this pass (%s)", one_line(e))
+        times = []
     done = buffer.committed_ids
     missing = [r.file_id for r in refs if r.file_id not in done]
-    return missing, stats, plan
+    return missing, times, plan
 
 
 class RunFailed(RuntimeError):
@@ -519,6 +552,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         raise ValueError(f"task names must be unique: {names}")
     out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
     out_so = storage.with_defaults(cfg.out, out_so)
+    check_output(cfg, out_so)   # --out is not a regular file; --resume names a run that exists
     in_so = storage.with_defaults(cfg.input, cfg.storage_options)
     cfg = dataclasses.replace(cfg, storage_options=in_so)
     store = cm.OutputStore(cfg.out, out_so)
@@ -533,8 +567,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         resumes.append(cm.utcnow().isoformat())
         log.warning("resuming run %s (%d commits so far)", run_id, store.committed_seq(run_id))
 
-    ledger = store.ledger()
-    todo = [r for r in refs if not cm.is_done(ledger.get(r.uri), r.version, chash)]
+    todo = store.pending(refs, chash)   # cm.is_done for every file, against the files table
     skipped = len(refs) - len(todo)
     by_id = {r.file_id: r for r in refs}
     store.write_run(_run_record(cfg, run_id, chash, cm.RUN_RUNNING, started_at=started, resumes=resumes,
@@ -544,7 +577,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     progress = Progress(len(todo), cfg.progress)
     buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
-    stats_text: list[str] = []
+    times: list[dict[str, Any]] = list(resumed_rec.get(stage_times.RECORD_KEY, [])) if resumed_rec else []
     status = cm.RUN_FAILED
     error: str | None = None
     ray_init_s = 0.0
@@ -556,8 +589,8 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                 ray_init_s = time.monotonic() - t_init
                 pending = todo
                 for pass_no in range(max(1, cfg.max_passes)):
-                    missing, stats, plan = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
-                    stats_text.append(stats)
+                    missing, pass_times, plan = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
+                    times.extend(pass_times)
                     resources = resources or dataclasses.asdict(plan)
                     if not missing:
                         break
@@ -573,7 +606,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         committer.finish()   # compaction and checkpoints of the tables this run wrote to
         status = cm.RUN_COMPLETED
     except KeyboardInterrupt:
-        status = "interrupted"
+        status = RUN_INTERRUPTED
         raise
     except Exception as e:
         # A failure of the run itself (output not writable, cluster gone, a bug): the run record
@@ -597,10 +630,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                   "ray_init_s": round(ray_init_s, 3)}
         _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
                                           finished_at=cm.utcnow().isoformat(), counts=counts,
-                                          resources=resources, error=error,
+                                          resources=resources, error=error, **{stage_times.RECORD_KEY: times},
                                           n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
-        if stats_text and any(stats_text):
-            _try(store.write_bytes, store.path(cm.RUNS_DIR, run_id, f"ray_stats-{len(resumes)}.txt"),
-                 "\n\n".join(stats_text).encode())
     return RunSummary(run_id=run_id, out=cfg.out, resumed=resumed_rec is not None,
                       n_commits=committer.n_commits, status=status, **totals)

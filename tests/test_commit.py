@@ -167,6 +167,29 @@ def test_is_done_rules():
     assert not cm.is_done(flaky, "v1", "h")    # a transient one is
 
 
+def test_pending_is_is_done_for_every_listed_file(tmp_path):
+    """The run's Arrow join over the files table decides exactly as is_done on the ledger."""
+    from pipelines.sources import FileRef
+
+    store = cm.OutputStore(str(tmp_path / "out"))
+    rows = {  # uri -> (version, config hash, status, error_type) committed
+        "same": ("v1", "h", "ok", None), "changed": ("v1", "h", "ok", None), "other-config": ("v1", "h0", "ok", None),
+        "bad": ("v1", "h", "error", "invalid_data"), "flaky": ("v1", "h", "error", "read_error"),
+        "partial-flaky": ("v1", "h", "partial", "inference_error"), "no-hash": ("v1", None, "ok", None),
+    }
+    files = pa.Table.from_pylist([{"file_id": f"id-{u}", "uri": u, "status": st, "error_type": et, "run_id": "r",
+                                   "config_hash": h} for u, (_, h, st, et) in rows.items()], schema=schemas.FILES)
+    entries = [cm.CommittedFile(f"id-{u}", u, v, h or "", st, et, "r", 0) for u, (v, h, st, et) in rows.items()]
+    files = files.set_column(files.schema.get_field_index("config_hash"), "config_hash",
+                             pa.array([h for (_, h, _, _) in rows.values()], pa.string()))
+    cm.Committer(store, "r").commit(files, schemas.SEGMENTS.empty_table(), entries)
+    listed = [FileRef(u, 1, "v2" if u == "changed" else "v1", None, f"id-{u}") for u in [*rows, "new"]]
+    ledger = store.ledger()
+    expected = [r.uri for r in listed if not cm.is_done(ledger.get(r.uri), r.version, "h")]
+    assert [r.uri for r in store.pending(listed, "h")] == expected
+    assert expected == ["changed", "other-config", "flaky", "partial-flaky", "no-hash", "new"]
+
+
 def test_redact_hides_secrets():
     opts = {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9",
             "client_kwargs": {"aws_secret_access_key": "zzz", "region_name": "us-east-1"}, "anon": False}

@@ -4,7 +4,6 @@ the README's queries, migration from the earlier layout, maintenance."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import subprocess
@@ -189,7 +188,7 @@ def _old_layout(out: Path) -> None:
             pq.write_table(t, out / rels[name])
         rec = cm.CommitRecord(run_id=run, seq=1, files_part=rels["files"], segments_part=rels["segments"],
                               n_files=files.num_rows, n_segments=segs.num_rows, committed_at="2025-01-01T00:00:00+00:00",
-                              files=tuple(dataclasses.replace(e, version=version) for e in entries))
+                              files=tuple(e._replace(version=version) for e in entries))
         store.write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
         store.write_run({"run_id": run, "status": cm.RUN_COMPLETED, "config_hash": "h"})
 
