@@ -24,7 +24,7 @@ and reports, per archive, on the tiny random model and the three default tasks (
 * with ``--calibrate``, the evidence for the default threshold: speech ratios of 30 s windows of
   each kind of signal.
 
-    python benchmarks/speech_gate.py [--episodes 4] [--episode-s 300] [--clips 8] [--clip-s 150]
+    python benchmarks/speech_gate.py [--episodes 4] [--episode-s 300] [--clips 8] [--clip-s 150] [--repeats 2]
     python benchmarks/speech_gate.py --calibrate          # threshold evidence only (~1 min)
     python benchmarks/speech_gate.py --smoke              # tiny archives (a test)
 
@@ -88,13 +88,13 @@ def _room(seconds: float, seed: int, amplitude: float = 0.003) -> np.ndarray:
 
 
 def podcast_episode(seconds: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Intro music, talk blocks with pauses, then an ad over a music bed, a music interlude or a
-    long pause between blocks, outro music."""
+    """Intro music (15, 35 or 60 s by episode), talk blocks with pauses, then an ad over a music
+    bed, a music interlude (10-40 s) or a long pause (4-8 s) between blocks, outro music."""
     from pipelines import voices
 
     rng = np.random.default_rng(seed)
     tr = Track()
-    intro = min(20.0, seconds / 8)
+    intro = min((15.0, 35.0, 60.0)[seed % 3], seconds / 5)
     tr.add(_music(intro, seed))
     k = 0
     while tr.seconds < seconds - intro:
@@ -109,7 +109,7 @@ def podcast_episode(seconds: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
             ad, voiced = voices.talk(25, seed=seed * 100 + 50 + k, pause_s=(0.2, 0.6))
             tr.add(ad + _music(25, seed + 7 + k, amplitude=0.15)[:ad.size], voiced)
         elif kind == 1 and left > 15:                    # a music interlude
-            tr.add(_music(12, seed + 11 + k))
+            tr.add(_music(min(rng.uniform(10, 40), left - 5), seed + 11 + k))
         elif left > 10:                                  # a long pause (room tone)
             tr.add(_room(rng.uniform(4, 8), seed + 13 + k))
         k += 1
@@ -459,6 +459,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8, help="video-library clips")
     parser.add_argument("--clip-s", type=float, default=150.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="runs with and without the gate (best of)")
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
     parser.add_argument("--no-overlap", action="store_true", help="skip the stage-overlap measurement")
     parser.add_argument("--calibrate", action="store_true", help="threshold evidence only")
@@ -510,11 +511,15 @@ def main() -> None:
     try:
         out_root = Path(tempfile.mkdtemp(prefix="speech-gate-out-", dir=args.dir))
         for kind, (d, meta) in archives.items():
-            on = run_once(d, out_root / f"{kind}-on", gate=True, batch_size=args.batch_size)
-            if args.smoke:   # gate off generates every row; --smoke skips timing it
-                off = {**on, "wall_s": float("nan"), "generated": on["rows"]}
-            else:
-                off = run_once(d, out_root / f"{kind}-off", gate=False, batch_size=args.batch_size)
+            on = off = None
+            for _ in range(args.repeats):          # alternating, best of --repeats each
+                run = run_once(d, out_root / f"{kind}-on", gate=True, batch_size=args.batch_size)
+                on = run if on is None or run["wall_s"] < on["wall_s"] else on
+                if args.smoke:   # gate off generates every row; --smoke skips timing it
+                    off = {**on, "wall_s": float("nan"), "generated": on["rows"]}
+                    continue
+                run = run_once(d, out_root / f"{kind}-off", gate=False, batch_size=args.batch_size)
+                off = run if off is None or run["wall_s"] < off["wall_s"] else off
             recall, n_speech_windows, gated_empty = window_recall(on["segments"], d, threshold)
             results[kind] = {"meta": meta, "off": off, "on": on, "recall": recall, "n_sw": n_speech_windows,
                              "gated_empty": gated_empty}
