@@ -129,6 +129,28 @@ def test_decode_stage_measures_speech_per_window(archive, window_rows):
     assert all(r["speech_ratio"] is None for r in off.file_rows(ref))
 
 
+def test_cut_at_pauses_ends_windows_between_sentences(archive):
+    """--cut-at-pauses through the decode stage: windows of a real file end in a pause (never
+    inside a sentence), at most PAUSE_SEARCH_S before the full length; the default cuts at 10 s."""
+    from pipelines.vad import PAUSE_SEARCH_S
+
+    d, truth = archive
+    ref = next(r for r in list_inputs(str(d)) if r.uri.endswith("talk.mp3"))
+    voiced = truth["talk.mp3"]
+    fixed = [r for r in DecodeStage(DecodeOptions(window_s=WINDOW_S)).file_rows(ref) if r.get("end_s")]
+    cut = [r for r in DecodeStage(DecodeOptions(window_s=WINDOW_S), cut_at_pauses=True).file_rows(ref)
+           if r.get("end_s")]
+    assert [r["end_s"] - r["start_s"] for r in fixed[:-1]] == [WINDOW_S] * (len(fixed) - 1)
+    assert len(cut) >= len(fixed) and cut[-1]["end_s"] == pytest.approx(fixed[-1]["end_s"])
+    for a, b in zip(cut, cut[1:]):
+        assert a["end_s"] == b["start_s"]                                      # still tiling the file
+        assert WINDOW_S - PAUSE_SEARCH_S <= a["end_s"] - a["start_s"] <= WINDOW_S
+        at = int(round(a["end_s"] * SR))
+        assert not voiced[at - 160:at + 160].any(), a["end_s"]                 # not within 10 ms of speech
+    assert any(a["end_s"] - a["start_s"] < WINDOW_S - 0.05 for a in cut[:-1])   # the hook moved cuts
+    assert all(r["speech_ratio"] is None for r in cut)                         # cut only: no gate column
+
+
 def test_predictor_gates_speech_tasks_and_silence(archive, window_rows, predictor):
     """Speech windows keep every task; windows without speech keep the tasks that describe any
     audio (caption, custom prompts by default) and get no_speech rows for the others; digital
