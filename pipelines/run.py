@@ -472,6 +472,11 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     refs_tbl = refs_table(refs)
     per_block = -(-len(refs) // 10_000)
     ds = ray.data.from_arrow([refs_tbl.slice(i, per_block) for i in range(0, len(refs), per_block)])
+    # Ray warns that these actors have "constructor arguments in the object store and max_restarts
+    # > 0". Not silenced, and harmless here: the arguments are the driver's own ray.put objects (the
+    # stage callable with its settings, the DataContext), held by the operator for the whole run,
+    # primary copy on the driver's node, so a restarted actor always finds them; only the driver's
+    # death loses them, and that ends the run anyway. Silencing needs a process-wide C++ log level.
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={"options": cfg.decode, "storage_options": dict(cfg.storage_options),

@@ -391,6 +391,31 @@ def test_lose_the_decode_node(sim, clips, tmp_path, replace):
         assert outcome == "completed", result["first"]["record"]
 
 
+LEDGER_PROBE = """
+import logging, sys
+import ray
+from pipelines.run import start_ledger
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+ledgers = [start_ledger() for _ in range(10)]
+for ledger in ledgers:
+    assert ledger.begin("probe") == 1
+where = lambda counter: ray.get_runtime_context().get_node_id()
+print(ray.get_runtime_context().get_node_id(), *ray.get([x.handle.__ray_call__.remote(where) for x in ledgers]))
+"""
+
+
+def test_the_ledger_lives_on_the_drivers_node(sim):
+    """Ten attempt ledgers from a driver on the head: every one on the head (left to default
+    placement, a zero-CPU actor lands on any node, a worker about half the time)."""
+    sim.restore()
+    done = subprocess.run([sys.executable, "-c", LEDGER_PROBE, sim.address], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    driver, *ledgers = done.stdout.split()
+    assert driver == sim.cluster.head_node.node_id
+    assert [sim.kind_of(n) for n in ledgers] == ["head"] * 10
+
+
 @pytest.mark.slow
 def test_lose_the_node_the_ledger_would_use(sim, clips, tmp_path):
     """Unpinned, the ledger lands on a worker node; losing that node then breaks every later
