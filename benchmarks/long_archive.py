@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def _growth(values: list[float]) -> float:
 
 
 def soak(audio: Path, out: Path, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)   # every file processed (an existing output would skip them)
     cmd = [str(Path(sys.executable).with_name("salmonn-pipeline")), "run", str(audio), "--out", str(out),
            "--no-progress", "--fresh", *extra]
     t0 = time.monotonic()
