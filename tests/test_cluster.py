@@ -400,7 +400,7 @@ ledgers = [start_ledger() for _ in range(10)]
 for ledger in ledgers:
     assert ledger.begin("probe") == 1
 where = lambda counter: ray.get_runtime_context().get_node_id()
-print(ray.get_runtime_context().get_node_id(), *ray.get([x.handle.__ray_call__.remote(where) for x in ledgers]))
+print("LEDGER-PROBE", ray.get_runtime_context().get_node_id(), *ray.get([x.handle.__ray_call__.remote(where) for x in ledgers]))
 """
 
 
@@ -411,7 +411,8 @@ def test_the_ledger_lives_on_the_drivers_node(sim):
     done = subprocess.run([sys.executable, "-c", LEDGER_PROBE, sim.address], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    driver, *ledgers = done.stdout.split()
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("LEDGER-PROBE ")]
+    driver, *ledgers = line.split()[1:]
     assert driver == sim.cluster.head_node.node_id
     assert [sim.kind_of(n) for n in ledgers] == ["head"] * 10
 
