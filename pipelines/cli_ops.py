@@ -17,6 +17,7 @@ import logging
 import sys
 from typing import Any
 
+from pipelines.cli_args import add_run_args, config_from_args, parse_kv
 from pipelines.commit import OldLayoutError
 from salmonn import weights
 
@@ -26,13 +27,12 @@ log = logging.getLogger(__name__)
 def add_subcommands(sub: Any) -> None:
     """Register plan, report, export, weights, maintain and migrate on the ``add_subparsers()``
     object ``sub``."""
-    from pipelines import cli  # the run options and their parsing are shared with `run`
 
     p = sub.add_parser("plan", help="what a run would do: new/changed/unchanged files, audio hours, GPU hours "
                                     "(lists only: decodes nothing, writes nothing)")
     p.add_argument("input", nargs="+", help="as for `run`")
     p.add_argument("--out", required=True, help="the output a run would write to (read only here)")
-    cli._add_run_args(p)
+    add_run_args(p)
     p.add_argument("--throughput", type=float, metavar="AUDIO_H_PER_GPU_H",
                    help="audio hours one GPU processes per hour with this run's tasks "
                         "(default: the project's figure for the model)")
@@ -105,13 +105,10 @@ def add_subcommands(sub: Any) -> None:
 
 
 def _kv(items: Any, flag: str) -> dict[str, Any]:
-    from pipelines.cli import parse_kv
-
     return parse_kv(items, flag)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipelines.cli import config_from_args
     from pipelines.plan import plan_json, plan_run
 
     cfg = config_from_args(args)

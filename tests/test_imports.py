@@ -167,8 +167,6 @@ def test_no_import_cycle_in(package):
 
 def test_no_import_cycle_anywhere():
     found = cycles(import_graph())
-    if found and all(all(m.startswith("pipelines") for m in c) for c in found):
-        pytest.xfail(f"pipelines/ still has import cycles (being broken up): {found}")
     assert not found, f"import cycles: {found}"
 
 
@@ -178,6 +176,4 @@ def test_no_cycle_hidden_in_a_function_level_import():
     for module, late in function_level_imports().items():
         graph[module] = graph[module] | {entry.split(" ")[0] for entry in late}
     found = cycles(graph)
-    if found and all(all(m.startswith("pipelines") for m in c) for c in found):
-        pytest.xfail(f"cycles dodged by imports inside functions in pipelines/ (to break up): {found}")
     assert not found, f"import cycles: {found}"
