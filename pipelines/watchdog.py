@@ -246,7 +246,11 @@ def describe_stall(executor: Any, waited_s: float, timeout_s: float, *, fallback
     """One line: how long nothing came, the stalled operator with its actors and tasks, and the
     cluster's free resources."""
     head = f"no result for {waited_s:.0f} s (stall timeout {timeout_s:g} s)"
-    states = operator_states(executor) if executor is not None else []
+    try:
+        states = operator_states(executor) if executor is not None else []
+    except Exception as e:  # noqa: BLE001 - Ray Data internals; the stage names still say enough
+        log.warning("could not read Ray Data's operator state: %s", e)
+        states = []
     stalled = pick_stalled(states)
     if stalled is not None:
         where = f"stalled operator: {format_operator(stalled)}"

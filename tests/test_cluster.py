@@ -151,6 +151,7 @@ class _Echo:
         return batch
 
 
+@pytest.mark.slow
 def test_watchdog_names_the_operator_that_cannot_be_placed(ray_local):
     """An actor pool whose actor asks for a resource no node has: Ray Data waits without end; the
     watchdog names the operator and its pending actor, and shuts the execution down."""
@@ -404,6 +405,7 @@ print("LEDGER-PROBE", ray.get_runtime_context().get_node_id(), *ray.get([x.handl
 """
 
 
+@pytest.mark.slow
 def test_the_ledger_lives_on_the_drivers_node(sim):
     """Ten attempt ledgers from a driver on the head: every one on the head (left to default
     placement, a zero-CPU actor lands on any node, a worker about half the time)."""
