@@ -6,6 +6,7 @@ README name the images it builds."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -156,15 +157,16 @@ def build_context() -> list[str]:
     """Paths (relative, '/'-separated) that `docker build .` sends, per .dockerignore."""
     rules = [(p.startswith("!"), _pattern(p.lstrip("!").strip("/"))) for p in _dockerignore()]
     reincluded = [p.lstrip("!").strip("/") for p in _dockerignore() if p.startswith("!")]
-    out = []
-    for path in sorted(ROOT.rglob("*")):
-        rel = path.relative_to(ROOT).as_posix()
-        if any(part in (".git", ".venv") for part in rel.split("/")):
-            continue
-        if path.is_file() and not ignored(rel, rules):
-            out.append(rel)
     assert reincluded, "expected at least docker/requirements.txt to be re-included"
-    return out
+    out = []
+    for folder, dirs, names in os.walk(ROOT):
+        base = Path(folder).relative_to(ROOT).as_posix()
+        rel = (lambda n: n) if base == "." else (lambda n: f"{base}/{n}")
+        # an ignored folder is skipped unless a '!' pattern re-includes something inside it
+        dirs[:] = [d for d in dirs if not ignored(rel(d), rules)
+                   or any(r.startswith(rel(d) + "/") for r in reincluded)]
+        out += [rel(n) for n in names if not ignored(rel(n), rules)]
+    return sorted(out)
 
 
 def test_build_context_builds_the_package_and_carries_no_weights(tmp_path):
