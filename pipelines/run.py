@@ -366,6 +366,7 @@ def start_ledger() -> RayAttemptLedger:
 
 
 MIN_OBJECT_STORE_BUDGET = 64 * 2**20   # bytes; below this Ray Data's own blocks would throttle it
+INFER_TASKS_IN_FLIGHT = 2              # Ray Data's default tasks in flight per actor (max_concurrency 1 x 2)
 GPU_BATCH_SIZE = 32   # windows per inference batch on a GPU actor (x tasks rows per generate)
 CPU_BATCH_SIZE = 8
 
@@ -456,8 +457,10 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     # Backpressure: decoding may run only a few inference batches ahead. Without a bound Ray Data
     # lets an operator fill its share of the object store (a 30% of RAM default): a decode actor
     # ran ~1,000 windows (1.9 GB) ahead of a CPU inference actor on one long file. The bound is
-    # object-store bytes, so it is sized from the windows the inference actors can use next.
-    ahead = cfg.prefetch_batches * batch_size * plan.infer_actors
+    # object-store bytes: the batches decode may have ready (prefetch) plus the ones each inference
+    # actor holds in flight (Ray Data submits 2 per actor), doubled because Ray Data reserves about
+    # half of the budget per operator and shares the rest.
+    ahead = (cfg.prefetch_batches + INFER_TASKS_IN_FLIGHT) * batch_size * plan.infer_actors
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_OBJECT_STORE_BUDGET, 2 * ahead * cfg.decode.window_samples * 4))
     log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d, "
