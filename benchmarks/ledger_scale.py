@@ -55,7 +55,7 @@ OLD_COMMIT = "a898102"
 COMMITS_PER_RUN = 100
 BUCKET = "ledger-bench"
 CONFIG_HASH = "cafe0123456789ab"
-NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
 
 def load_old_commit_module():
@@ -205,13 +205,14 @@ def main() -> None:
                 upload(fs, f"{tmp}/c{n_commits}", delta_out)
                 refs = listed_refs(n_files, per_commit)
                 store = cm.OutputStore(delta_out, options)
-                delta_s, delta_todo = time_planning(lambda: store.pending(refs, CONFIG_HASH), args.repeats)
+                delta_s, delta_todo = time_planning(lambda store=store, refs=refs: store.pending(refs, CONFIG_HASH),
+                                                    args.repeats)
 
                 old_out = f"{BUCKET}/old-{n_commits}"
                 old_build_s = build_old(old, fs, old_out, n_commits, per_commit)
                 old_store = old.OutputStore(f"s3://{old_out}", options)
 
-                def old_todo():   # the earlier run_pipeline's lines
+                def old_todo(old_store=old_store, refs=refs):   # the earlier run_pipeline's lines
                     ledger = old.committed_ledger(old_store.all_commits())
                     return [r for r in refs if not old.is_done(ledger.get(r.uri), r.version, CONFIG_HASH)]
 

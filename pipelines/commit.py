@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 import schemas
 from pipelines import storage
@@ -106,7 +106,7 @@ class OldLayoutError(RuntimeError):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class CommitRecord:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CommitRecord":
+    def from_json(cls, text: str) -> CommitRecord:
         d = json.loads(text)
         d["files"] = tuple(CommittedFile(**f) for f in d["files"])
         return cls(**d)
@@ -328,7 +328,7 @@ class OutputStore:
         if version is not None:
             try:
                 return self.read_table(name, run_id=run_id, version=version)
-            except (OSError, ValueError) as e:   # data files of that version vacuumed away
+            except (OSError, ValueError, DeltaError) as e:   # that version's files vacuumed away
                 log.warning("table %s at version %d (run %s) is no longer readable (%s); using the "
                             "latest version's rows of that run", name, version, run_id, e)
         return self.read_table(name, run_id=run_id)
@@ -824,9 +824,9 @@ def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migra
     for name, data in (("segments", segments), ("files", files)):
         dt_ = store.open_for_write(name, migrating=True)
         if (dt_.transaction_version(MIGRATE_APP_ID) or 0) < 1:   # not written by an earlier attempt
-            props = CommitProperties(custom_metadata={"run_id": MIGRATE_APP_ID, "seq": "1",
-                                                      "salmonn_pipeline.operation": "migrate from parts + commit records"},
-                                     app_transactions=[Transaction(MIGRATE_APP_ID, 1)])
+            meta = {"run_id": MIGRATE_APP_ID, "seq": "1",
+                    "salmonn_pipeline.operation": "migrate from parts + commit records"}
+            props = CommitProperties(custom_metadata=meta, app_transactions=[Transaction(MIGRATE_APP_ID, 1)])
             write_deltalake(dt_, data.sort_by([("uri", "ascending")]).cast(_table_schema(name)), mode="append",
                             writer_properties=WRITER_PROPERTIES, commit_properties=props)
             dt_.create_checkpoint()

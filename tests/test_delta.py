@@ -269,7 +269,7 @@ def test_two_concurrent_runs_with_overlapping_inputs(tmp_path):
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True) for c in cmds]
     results = [p.communicate(timeout=900) for p in procs]
-    for p, (so, se) in zip(procs, results):
+    for p, (_, se) in zip(procs, results):
         assert p.returncode == 0, se[-3000:]
     store = cm.OutputStore(str(out))
     runs = store.list_runs()
