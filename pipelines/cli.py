@@ -75,13 +75,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = PipelineConfig(input=audio, out=out, model="tiny", num_cpus=args.num_cpus, progress=not args.no_progress)
     summary = run_pipeline(cfg)
     print(summary.format())
-    print(f"\nTables (Parquet): {out}/files/  and  {out}/segments/   (run records: {out}/_runs/)")
+    print(f"\nTables (Delta Lake, Parquet data files): {out}/files/  and  {out}/segments/   "
+          f"(run records: {out}/_runs/)")
     print("Read the latest result per file, e.g. with DuckDB (both tables are Delta Lake tables):")
     segments = os.path.join(out, "segments")
     query = (f"import duckdb, deltalake; segs = deltalake.DeltaTable({segments!r}).to_pyarrow_dataset(); "
              "duckdb.sql('SELECT uri, task, start_s, text FROM segs ORDER BY uri, start_s, task').show()")
     print(f"  {shlex.quote(sys.executable)} -c {shlex.quote(query)}")
-    print("or in Python (manifest-aware):")
+    print("or in Python:")
     print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
     print(f"Status: salmonn-pipeline status {out}")
     print(TINY_WARNING)
@@ -89,9 +90,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines.commit import OldLayoutError
     from pipelines.status import status_text
 
-    print(status_text(args.out, parse_kv(args.storage_option, "--storage-option")))
+    try:
+        print(status_text(args.out, parse_kv(args.storage_option, "--storage-option")))
+    except OldLayoutError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 
