@@ -30,10 +30,8 @@ import pyarrow as pa
 
 import pipelines
 import schemas
-from schemas.vocabulary import RUN_INTERRUPTED
 from pipelines import commit as cm
-from pipelines import faults
-from pipelines import stage_times, storage
+from pipelines import faults, stage_times, storage
 from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH
 from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
 from pipelines.labels import segment_label
@@ -48,6 +46,7 @@ from pipelines.stages import (
     refs_table,
 )
 from pipelines.watchdog import stall_timeout_s, watch_dataset
+from schemas.vocabulary import RUN_INTERRUPTED
 
 log = logging.getLogger(__name__)
 

@@ -97,7 +97,7 @@ class DecodeStage:
         self.max_attempts = max_attempts
         self.speech_gate = speech_gate
         self.detector = SpeechDetector() if speech_gate or cut_at_pauses else None
-        self.cutter = PauseCutter(self.detector) if cut_at_pauses else None
+        self.cutter = PauseCutter(self.detector) if cut_at_pauses and self.detector is not None else None
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         batch = st.check(batch, st.FILE_REFS, "decode input")
@@ -138,7 +138,7 @@ class DecodeStage:
 
     def speech_ratio(self, w: Window) -> float | None:
         """The window's share of speech (None: the gate is off)."""
-        if not self.speech_gate:
+        if not self.speech_gate or self.detector is None:
             return None
         return 0.0 if w.is_silent else self.detector.speech_ratio(w.samples)
 

@@ -43,7 +43,7 @@ class FaultyProxy:
         return "pass"
 
     # -- server ------------------------------------------------------------------------------
-    def start(self) -> "FaultyProxy":
+    def start(self) -> FaultyProxy:
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

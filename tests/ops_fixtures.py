@@ -49,8 +49,8 @@ SENTENCES = (
 CAPTIONS = ("A man speaks in a quiet room.", "A woman talks while soft music plays in the background.",
             "Two people are having a conversation with light laughter.", "Speech with a low hum in the background.")
 
-T0 = dt.datetime(2026, 1, 1, 2, 0, 0, tzinfo=dt.timezone.utc)
-T1 = dt.datetime(2026, 1, 2, 2, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, 2, 0, 0, tzinfo=dt.UTC)
+T1 = dt.datetime(2026, 1, 2, 2, 0, 0, tzinfo=dt.UTC)
 
 # uri suffix -> (status, error_type, duration_s, container, codec)
 RUN1_FILES = {
@@ -177,7 +177,7 @@ def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7
     rng = random.Random(seed)
     store = cm.OutputStore(out)
     run_id = "20260105T010000Z-cccccc"
-    start = dt.datetime(2026, 1, 5, 1, 0, 0, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 5, 1, 0, 0, tzinfo=dt.UTC)
     errors = ("invalid_data", "no_audio_stream", "too_long", "read_error", "empty_audio")
     files: dict[str, tuple] = {}
     for i in range(n_files):
