@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -120,12 +119,6 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
         else:
             out[k] = "***"
     return out
-
-
-def config_hash(parts: Mapping[str, Any]) -> str:
-    """Stable short hash of everything that changes a file's results (model, tasks, windowing)."""
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:

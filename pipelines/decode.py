@@ -65,9 +65,6 @@ MAX_WINDOW_S = 30.0                # Whisper's context
 SNAP_SEARCH_S = 2.0                # a snapped cut moves back at most this far ...
 SNAP_FRAME_S = 0.02                # ... to the centre of the quietest frame of this length
 SILENCE_PEAK = 2.0 ** -15          # a window whose |peak| <= one 16-bit LSB is digital silence
-# Read by pipelines.plan only: decode never rejects a file for the duration its header declares
-# (the decoded-sample cap decides).
-DECLARED_TOO_LONG_FACTOR = 1.5
 TRUNCATION_TOLERANCE_S = 1.0       # decoded this much (and 2%) short of the declared duration ...
 TRUNCATION_TOLERANCE_FRAC = 0.02   # ... -> status partial, error_type truncated
 # Containers whose header states the real length (not an estimate from the bit rate), so a

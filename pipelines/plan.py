@@ -46,7 +46,6 @@ from fsspec.core import url_to_fs
 
 from pipelines import commit as cm
 from pipelines.config import config_hash_of, resolve_tasks
-from pipelines.decode import DECLARED_TOO_LONG_FACTOR
 from pipelines.sources import extension, list_inputs
 
 log = logging.getLogger(__name__)
@@ -341,11 +340,8 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
             dur, src = estimate_duration(r.uri, r.size_bytes, kbps), SRC_ESTIMATE
         over = None
         if dur is not None and dur > d.max_duration_s:
-            if src == SRC_HEADER and dur > DECLARED_TOO_LONG_FACTOR * d.max_duration_s:
-                # decode rejects such a header before decoding anything: an error row, no work
-                files.append(FilePlan(r.uri, r.size_bytes, a, None, src, 0, over_limit="too_long"))
-                continue
-            dur, over = d.max_duration_s, "too_long"  # decoded up to the cap: a partial row
+            # decode never trusts a header: it decodes up to the sample cap (a partial row)
+            dur, over = d.max_duration_s, "too_long"
         files.append(FilePlan(r.uri, r.size_bytes, a, dur, src, n_windows(dur, window, hop), over_limit=over))
 
     if throughput is None:

@@ -263,14 +263,14 @@ def test_cli_plan(archive, capsys):
     assert "GPU estimate" in text and "set with --throughput" in text and "f.wav" in text
 
 
-def test_over_limit_files_cost_no_work(archive):
+def test_over_limit_files_are_capped_or_cost_no_work(archive):
     cfg, chash, audio, _out = archive
     big = os.path.getsize(audio / "f.wav") - 1
     cfg = dataclasses.replace(cfg, decode=DecodeOptions(window_s=2.0, max_duration_s=3.0, max_bytes=big))
     p = plan.make_plan(cfg, task_names=["caption"], chash=chash, probe="auto")
     by_name = {os.path.relpath(f.uri, audio): f for f in p.files}
     assert by_name["f.wav"].over_limit == "too_large" and by_name["f.wav"].windows == 0
-    assert by_name["b.wav"].over_limit == "too_long" and by_name["b.wav"].windows == 0    # 6 s > 1.5 x 3 s
+    assert by_name["b.wav"].over_limit == "too_long" and by_name["b.wav"].duration_s == 3.0  # decoded to the cap
     assert by_name["sub/d.wav"].over_limit == "too_long" and by_name["sub/d.wav"].duration_s == 3.0  # capped
     assert by_name["new/g.wav"].over_limit is None
     assert "too_large" in p.format() and "too_long" in p.format()
