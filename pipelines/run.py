@@ -45,7 +45,7 @@ from pipelines.stages import (
     error_info,
     refs_table,
 )
-from pipelines.watchdog import stall_timeout_s, watch_dataset
+from pipelines.watchdog import StallError, stall_timeout_s, watch_dataset
 from schemas.vocabulary import RUN_INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -621,6 +621,9 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         status = cm.RUN_FAILED
         error = one_line(e)
         log.debug("run %s failed", run_id, exc_info=True)
+        if isinstance(e, StallError):
+            _try(buffer.flush)   # files that did complete before the stall are kept
+
         _try(store.write_bytes, store.path(cm.RUNS_DIR, run_id, "error.txt"),
              "".join(traceback.format_exception(e)).encode())
         raise RunFailed(run_id, error) from e

@@ -24,6 +24,7 @@ class RunStatus:
     error_types: dict[str, int]
     segment_rows: int              # this run's rows in the latest segments view
     audio_hours: float
+    error: str | None = None       # a failed run's one-line reason (run.json)
 
 
 def run_statuses(store: cm.OutputStore) -> list[RunStatus]:
@@ -48,6 +49,7 @@ def run_statuses(store: cm.OutputStore) -> list[RunStatus]:
             error_types=dict(collections.Counter(r["error_type"] for r in rows if r["error_type"])),
             segment_rows=seg_counts.get(run_id, 0),
             audio_hours=sum(r["duration_s"] or 0.0 for r in rows) / 3600,
+            error=rec.get("error"),
         ))
     return out
 
@@ -67,6 +69,8 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
             f"{f'  resumed x{r.resumes}' if r.resumes else ''}\n"
             f"      {r.n_commits} commits | files: {files} | error types: {errs} | "
             f"{r.segment_rows} segment rows | {r.audio_hours:.3f} audio h"
+            + (f"\n      failed: {r.error} (traceback: {out.rstrip('/')}/_runs/{r.run_id}/error.txt; "
+               f"the same command resumes the run)" if r.error else "")
         )
     latest = store.read_table("files", columns=["status"])
     c = collections.Counter(latest["status"].to_pylist())

@@ -180,6 +180,9 @@ def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resum
     rec = store.read_run(run_id)
     assert rec["status"] == "failed" and rec["error"] == "RuntimeError: disk is full"
     assert "Traceback" in (out / "_runs" / run_id / "error.txt").read_text()
+    capsys.readouterr()
+    assert cli_main(["status", str(out)]) == 0   # status says why the run failed
+    assert "failed: RuntimeError: disk is full" in capsys.readouterr().out
 
     monkeypatch.delenv(faults.ENV)
     assert cli_main(args) == 0
