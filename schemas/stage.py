@@ -23,6 +23,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from schemas import FILES
+
 # ``kind`` column values
 KIND_WINDOW = "window"              # decode -> infer: one audio window
 KIND_FILE = "file"                  # decode -> infer -> driver: a file without windows (its FileInfo)
@@ -31,22 +33,24 @@ KIND_WINDOW_ERROR = "window_error"  # infer -> driver: a window that failed infe
 
 _TS = pa.timestamp("us", tz="UTC")
 
-# The decode stage's summary of one file (pipelines.decode.FileInfo, field for field). It rides on
-# the file's last window row, or on a file row of its own when the file has no window.
-FILE_INFO = pa.struct([
+# The decode stage's summary of one file (pipelines.decode.FileInfo, field for field): the files
+# table's columns of the same names and types. It rides on the file's last window row, or on a
+# file row of its own when the file has no window.
+_FILE_INFO_FIELDS = ("file_id", "uri", "status", "error_type", "error_message", "container", "codec",
+                     "sample_rate_in", "channels_in", "duration_s", "n_segments", "audio_stream")
+_FILE_INFO_REQUIRED = frozenset({"file_id", "uri", "status", "n_segments"})
+FILE_INFO = pa.struct([FILES.field(n).remove_metadata().with_nullable(n not in _FILE_INFO_REQUIRED)
+                       for n in _FILE_INFO_FIELDS])
+
+# Where a row sits in its file: the first columns of both WINDOWS and RESULTS.
+_POSITION = [
+    pa.field("kind", pa.string(), nullable=False),
     pa.field("file_id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
-    pa.field("container", pa.string()),
-    pa.field("codec", pa.string()),
-    pa.field("sample_rate_in", pa.int32()),
-    pa.field("channels_in", pa.int32()),
-    pa.field("duration_s", pa.float64()),
-    pa.field("n_segments", pa.int32(), nullable=False),
-    pa.field("audio_stream", pa.int32()),
-])
+    pa.field("segment_index", pa.int32()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+]
 
 # driver -> decode: one row per input file (pipelines.sources.FileRef)
 FILE_REFS = pa.schema([
@@ -59,12 +63,7 @@ FILE_REFS = pa.schema([
 
 # decode -> infer: window rows (kind "window") and file rows (kind "file", no audio)
 WINDOWS = pa.schema([
-    pa.field("kind", pa.string(), nullable=False),
-    pa.field("file_id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("segment_index", pa.int32()),
-    pa.field("start_s", pa.float64()),
-    pa.field("end_s", pa.float64()),
+    *_POSITION,
     pa.field("samples", pa.binary()),          # (N,) float32 little-endian, 16 kHz mono
     pa.field("is_silent", pa.bool_()),         # digital silence: no sample above one 16-bit LSB
     pa.field("speech_ratio", pa.float32()),    # fraction of the window with speech; null: not measured
@@ -73,12 +72,7 @@ WINDOWS = pa.schema([
 
 # infer -> driver: one row per (window, task), window errors, and file rows passed through
 RESULTS = pa.schema([
-    pa.field("kind", pa.string(), nullable=False),
-    pa.field("file_id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("segment_index", pa.int32()),
-    pa.field("start_s", pa.float64()),
-    pa.field("end_s", pa.float64()),
+    *_POSITION,
     pa.field("task", pa.string()),
     pa.field("prompt", pa.string()),
     pa.field("text", pa.string()),
