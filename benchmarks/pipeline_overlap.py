@@ -67,6 +67,16 @@ def make_clips(directory: Path, n: int) -> float:
 
 # --- the stages alone ----------------------------------------------------------------------------
 
+def _decode_kwargs(cfg) -> dict:
+    """The decode stage as run_pipeline builds it (the speech gate's VAD included when on)."""
+    return {"options": cfg.decode, "speech_gate": cfg.speech_gate, "cut_at_pauses": cfg.cut_at_pauses}
+
+
+def _predictor_kwargs(cfg, tasks) -> dict:
+    return {"model": cfg.model, "tasks": list(tasks),
+            "speech_threshold": cfg.speech_threshold if cfg.speech_gate else None}
+
+
 def alone_ray(refs, tasks, cfg) -> dict[str, float]:
     """Each stage as its own Ray Data job with the pool run_pipeline uses."""
     import ray
@@ -81,7 +91,7 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
     t0 = time.perf_counter()
     table = refs_table(refs)
     ds = ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
-    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"options": cfg.decode}, batch_size=1,
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs=_decode_kwargs(cfg), batch_size=1,
                         batch_format="pyarrow", zero_copy_batch=True,
                         compute=ActorPoolStrategy(min_size=1, max_size=plan.decode_actors), num_cpus=1)
     decoded = ds.materialize()
@@ -89,7 +99,7 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
     n_rows = decoded.count()
 
     t0 = time.perf_counter()
-    ds = decoded.map_batches(SalmonnPredictor, fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks)},
+    ds = decoded.map_batches(SalmonnPredictor, fn_constructor_kwargs=_predictor_kwargs(cfg, tasks),
                              batch_size=plan.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                              compute=ActorPoolStrategy(size=plan.infer_actors),
                              num_gpus=plan.gpus_per_infer_actor, num_cpus=plan.cpus_per_infer_actor)
@@ -108,7 +118,7 @@ def alone_local(refs, tasks, cfg) -> dict[str, float]:
     from pipelines.stages import DecodeStage
     from schemas import stage as cols
 
-    stage = DecodeStage(cfg.decode)
+    stage = DecodeStage(**_decode_kwargs(cfg))
     t0 = time.perf_counter()
     rows = [row for ref in refs for row in stage.file_rows(ref)]
     decode_s = time.perf_counter() - t0
@@ -117,7 +127,7 @@ def alone_local(refs, tasks, cfg) -> dict[str, float]:
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        predictor = SalmonnPredictor(cfg.model, list(tasks))
+        predictor = SalmonnPredictor(**_predictor_kwargs(cfg, tasks))
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = 0
