@@ -3,7 +3,7 @@
 Makes N files (default 1,000) across the formats `plan` reads durations from (wav 16/24-bit, flac,
 mp3 CBR with and without a Xing header, mp3 VBR, m4a, mp4, mov, and mp3/flac carrying 200 KiB of
 cover art in their tags), cached in ``--dir``. Each is probed through a filesystem that serves
-reads in fsspec blocks of ``pipelines.plan.PROBE_BLOCK`` bytes the way s3fs does (a ranged GET per
+reads in fsspec blocks of ``pipelines.ops.plan.PROBE_BLOCK`` bytes the way s3fs does (a ranged GET per
 block), counting the blocks and bytes fetched, and the duration found is compared with the
 length of the signal written.
 
@@ -28,7 +28,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import plan  # noqa: E402
+from pipelines.ops import plan  # noqa: E402
 
 KINDS = ("wav", "wav24", "flac", "mp3", "mp3_noxing", "mp3_vbr", "m4a", "mp4", "mov", "mp3_cover", "flac_cover")
 RATE = 16_000

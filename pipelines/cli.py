@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from pipelines.cli_args import add_run_args, build_tasks, config_from_args, parse_kv, parse_value
-from pipelines.cli_ops import add_subcommands
 from pipelines.config import ConfigError, PipelineConfig, check_output
+from pipelines.ops.commands import add_subcommands
 
 __all__ = ["build_parser", "build_tasks", "config_from_args", "main", "parse_kv", "parse_value"]
 
@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.commit import OldLayoutError
-    from pipelines.status import status_text
+    from pipelines.ops.status import status_text
 
     try:
         print(status_text(args.out, parse_kv(args.storage_option, "--storage-option")))

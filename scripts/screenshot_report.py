@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipelines.report import collect, write_html
+    from pipelines.ops.report import collect, write_html
 
     png = Path(args.png)
     html = Path(args.html) if args.html else png.with_suffix(".html")

@@ -206,8 +206,8 @@ def test_model_and_stages_import_no_ray():
 
     modules = ["salmonn", "salmonn.model", "salmonn.checkpoint", "salmonn.tiny", "schemas", "schemas.stage",
                "pipelines.sources", "pipelines.decode", "pipelines.synth", "pipelines.infer",
-               "pipelines.stages", "pipelines.commit", "pipelines.status", "pipelines.storage",
-               "pipelines.labels", "pipelines.export", "pipelines.plan", "pipelines.report",
+               "pipelines.stages", "pipelines.commit", "pipelines.ops.status", "pipelines.storage",
+               "pipelines.labels", "pipelines.ops.export", "pipelines.ops.plan", "pipelines.ops.report",
                "salmonn.weights", "pipelines.cli", "pipelines.run"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"

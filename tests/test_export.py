@@ -10,7 +10,8 @@ import pytest
 import srt
 import webvtt
 
-from pipelines import cli_ops, export
+from pipelines.ops import commands as cli_ops
+from pipelines.ops import export
 from tests import ops_fixtures as fx
 
 
@@ -176,7 +177,7 @@ def test_cli_export(out, tmp_path, capsys):
 def test_rows_without_label_get_it_from_the_text(tmp_path):
     """Segments written before schema version 2 have no label: export and report map the text."""
     from pipelines import commit as cm
-    from pipelines import report
+    from pipelines.ops import report
 
     files, segs, entries = fx.tables(fx.RUN1, {"old.wav": ("ok", None, 40.0, "wav", "pcm_s16le")}, fx.T0, seed=5)
     segs = segs.drop_columns(["label"])                   # as a version-1 writer had it

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from pipelines import cli_ops, plan
 from pipelines import commit as cm
 from pipelines.config import PipelineConfig, config_hash_of
 from pipelines.decode import DecodeOptions
+from pipelines.ops import commands as cli_ops
+from pipelines.ops import plan
 from pipelines.sources import list_inputs
 from salmonn import builtin_task
 

@@ -9,8 +9,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipelines import cli_ops, report, stage_times
 from pipelines import commit as cm
+from pipelines import stage_times
+from pipelines.ops import commands as cli_ops
+from pipelines.ops import report
 from tests import ops_fixtures as fx
 
 

@@ -316,7 +316,7 @@ def test_pipeline_run_gate_on_and_off(archive, ray_local, tmp_path):
     assert config_hash_of(off_cfg) != config_hash_of(base)
 
     # report and plan show speech hours against audio hours, and the generations saved
-    from pipelines import plan, report
+    from pipelines.ops import plan, report
 
     skipped = sum(r["finish_reason"] in (FINISH_NO_SPEECH, FINISH_SILENCE) for r in segs_on)
     rep = report.collect(str(tmp_path / "on"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines import cli_ops
+from pipelines.ops import commands as cli_ops
 from salmonn import weights
 from salmonn.weights import BEATS_FILE, RemoteFile
 

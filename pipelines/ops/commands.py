@@ -109,7 +109,7 @@ def _kv(items: Any, flag: str) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipelines.plan import plan_json, plan_run
+    from pipelines.ops.plan import plan_json, plan_run
 
     cfg = config_from_args(args)
     try:
@@ -122,7 +122,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import collect, render_text, write_html
+    from pipelines.ops.report import collect, render_text, write_html
 
     try:
         data = collect(args.out, args.run, _kv(args.storage_option, "--storage-option"), n_samples=args.samples)
@@ -139,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipelines.export import export
+    from pipelines.ops.export import export
 
     try:
         result = export(args.out, fmt=args.format, task=args.task, to=args.to, where=args.where, run_id=args.run,
