@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# error_type of work that killed its worker process on every attempt
-WORKER_CRASH = "worker_crash"
-# error_type of a window whose inference raised on every try (retried, then isolated)
-INFERENCE_ERROR = "inference_error"
+# error types: work that killed its worker process on every attempt; a window whose inference
+# raised on every try (retried, then isolated)
+from schemas.vocabulary import INFERENCE_ERROR as INFERENCE_ERROR
+from schemas.vocabulary import WORKER_CRASH as WORKER_CRASH
 
 
 class AttemptLedger(Protocol):

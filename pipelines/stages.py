@@ -18,16 +18,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import faults
-from pipelines.batching import WORKER_CRASH, AttemptLedger
+from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH, AttemptLedger
 from pipelines.decode import DecodeOptions, FileInfo, Window, decode_file
 from pipelines.sources import FileRef
 from pipelines.vad import PauseCutter, SpeechDetector
 from schemas import STATUS_ERROR
 from schemas import stage as st
+from schemas.vocabulary import PIPELINE_ERROR as PIPELINE_ERROR
 
 log = logging.getLogger(__name__)
 
-PIPELINE_ERROR = "pipeline_error"   # error_type of a file whose results the driver could not use
 
 _INFO_FIELDS = tuple(f.name for f in st.FILE_INFO)
 
@@ -254,7 +254,7 @@ class ResultAssembler:
         elif kind == st.KIND_WINDOW_ERROR:
             if row["segment_index"] is None:
                 raise ValueError("window_error row without a segment_index")
-            p.failed_windows[row["segment_index"]] = (row["error_type"] or "inference_error", row["error"] or "")
+            p.failed_windows[row["segment_index"]] = (row["error_type"] or INFERENCE_ERROR, row["error"] or "")
         elif kind != st.KIND_FILE:
             raise ValueError(f"unknown result kind {kind!r}")
 

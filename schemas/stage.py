@@ -18,7 +18,7 @@ These batches are internal (never written to Parquet); the output tables are in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -148,9 +148,3 @@ def check(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
 def _check_nulls(field: pa.Field, arr: pa.Array | pa.ChunkedArray, stage: str) -> None:
     if not field.nullable and arr.null_count:
         raise StageSchemaError(f"{stage}: column {field.name!r} is required but has {arr.null_count} null(s)")
-
-
-def concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
-    """Concatenate batches of one schema (an empty input gives an empty table)."""
-    tables = list(tables)
-    return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -45,6 +45,11 @@ DECODE = "decode"        # produced by the CPU decode stage (pipelines.decode)
 INFERENCE = "inference"  # produced around the SALMONN predictor (pipelines.stages / run)
 DRIVER = "driver"        # produced by the driver itself (pipelines.run)
 
+# The error types the code names (the others are chosen in decode from this table).
+INFERENCE_ERROR = "inference_error"
+WORKER_CRASH = "worker_crash"
+PIPELINE_ERROR = "pipeline_error"
+
 
 @dataclass(frozen=True)
 class ErrorType:
@@ -82,11 +87,11 @@ _ERRORS = (
     ErrorType("read_error", DECODE, True,
               "an I/O error while reading (network, object changed during the read, ...)"),
     ErrorType("internal_error", DECODE, True, "anything else (a bug): logged with its traceback, never raised"),
-    ErrorType("inference_error", INFERENCE, True,
+    ErrorType(INFERENCE_ERROR, INFERENCE, True,
               "inference failed for a window even after the batch was retried and split"),
-    ErrorType("worker_crash", INFERENCE, False,
+    ErrorType(WORKER_CRASH, INFERENCE, False,
               "the file killed its worker process on every attempt (it would again on every run)"),
-    ErrorType("pipeline_error", DRIVER, True,
+    ErrorType(PIPELINE_ERROR, DRIVER, True,
               "no result came back for the file in any pass of the run (a worker died each time)"),
 )
 
