@@ -31,8 +31,8 @@ from pipelines import commit as cm
 from pipelines import watchdog
 from pipelines.config import PipelineConfig
 from pipelines.synth import noise, speech_like, tone, write_audio
+from tests.driver_kill import CLI
 
-CLI = [str(Path(sys.executable).with_name("salmonn-pipeline"))]
 OBJECT_STORE = 200 * 2**20
 N_CLIPS, CLIP_S, WINDOW_S = 6, 4.0, 2.0      # 2 windows per clip
 N_TASKS = 3

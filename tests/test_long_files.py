@@ -11,11 +11,7 @@ driver killed during the two-hour file resumes to exactly-once output.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import av
@@ -25,10 +21,10 @@ import pytest
 from pipelines import commit as cm
 from pipelines.cli import main as cli_main
 from pipelines.synth import noise, silence, speech_like, tone, write_audio
+from tests.driver_kill import CLI, kill_driver_when
 
 pytestmark = pytest.mark.slow
 
-CLI = [str(Path(sys.executable).with_name("salmonn-pipeline"))]
 WINDOW_S = 30.0
 CHUNK_S = 47.0          # speech then a pause; not a multiple of the window
 LONG = {"two_hours.opus": ("opus", 154), "one_hour.mp3": ("mp3", 77)}   # name -> (format, repeats)
@@ -167,22 +163,9 @@ def test_driver_killed_during_the_two_hour_file_resumes_exactly_once(archive, re
     audio, durations = archive
     out = tmp_path / "out"
     cmd = [*CLI, "run", str(audio), "--out", str(out), *RUN_ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        # every short and broken file committed: the long files are what is left in flight
-        while time.time() < deadline and not (set(SHORT) | set(BROKEN)) <= _committed_names(out):
-            assert proc.poll() is None, "the run ended before the long files were in flight"
-            time.sleep(0.5)
-        time.sleep(3)
-        assert proc.poll() is None, "the run ended before the kill"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        try:  # the local Ray the killed driver started lives in its process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # every short and broken file committed: the long files are what is left in flight
+    kill_driver_when(cmd, lambda: (set(SHORT) | set(BROKEN)) <= _committed_names(out), timeout_s=600,
+                     what="the long files were in flight", after_s=3)
     before = _committed_names(out)
     assert "two_hours.opus" not in before, "the kill landed after the two-hour file was committed"
     store = cm.OutputStore(str(out))

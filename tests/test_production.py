@@ -22,10 +22,10 @@ from pipelines import commit as cm
 from pipelines.decode import DecodeOptions
 from pipelines.run import PipelineConfig, run_pipeline
 from pipelines.synth import noise, speech_like, tone, write_audio
+from tests.driver_kill import CLI, kill_driver_when
 from tests.faulty_proxy import FaultyProxy
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [str(Path(sys.executable).with_name("salmonn-pipeline"))]
 
 
 def make_clips(directory: Path, n: int, seconds: float = 3.0, fmt: str = "flac", start: int = 0) -> list[Path]:
@@ -94,23 +94,10 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
            "--flush-seconds", "0", "--num-cpus", "2", "--no-progress", "--batch-size", "2"]
     # slow inference down so that the kill lands mid-run, after the first commits
     env = {**os.environ, "SALMONN_PIPELINE_FAULTS": json.dumps([{"stage": "infer", "sleep_s": 0.4}])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        # the files table's version 0 creates it; version 1 is the first complete commit
-        first_commit = str(out / "files" / "_delta_log" / f"{1:020d}.json")
-        deadline = time.time() + 240
-        while time.time() < deadline and not glob.glob(first_commit):
-            assert proc.poll() is None, "the run ended before its first commit"
-            time.sleep(0.2)
-        assert glob.glob(first_commit), "no commit within the time limit"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        try:  # the local Ray the killed driver started lives in its process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # the files table's version 0 creates it; version 1 is the first complete commit
+    first_commit = str(out / "files" / "_delta_log" / f"{1:020d}.json")
+    kill_driver_when(cmd, lambda: bool(glob.glob(first_commit)), env=env, timeout_s=240,
+                     what="its first commit", poll_s=0.2)
     store = cm.OutputStore(str(out))
     (run_id,) = store.list_runs()
     assert store.read_run(run_id)["status"] == cm.RUN_RUNNING, "the kill landed after the run had finished"
