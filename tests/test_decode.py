@@ -18,7 +18,6 @@ import numpy as np
 import psutil
 import pytest
 
-from pipelines import decode as decode_mod
 from pipelines import synth as S
 from pipelines.decode import (
     ERROR_TYPES,
@@ -29,6 +28,9 @@ from pipelines.decode import (
     Windower,
     decode_file,
     iter_windows,
+    mono,
+    reading,
+    stream,
 )
 from pipelines.sources import FileRef, file_id_for, list_inputs
 
@@ -302,7 +304,7 @@ def test_every_sample_format_becomes_the_channel_mean(fmt, layout, mode):
     channels = {"mono": 1, "stereo": 2, "3 channels": 3, "5.1": 6}[layout]
     rng = np.random.default_rng(channels)
     unit = rng.uniform(-0.9, 0.9, (channels, 3000)).astype(np.float64)
-    to_mono = decode_mod._ToMono16k(SR, mode)     # 16 kHz in: no resampling, only the reading
+    to_mono = mono.ToMono16k(SR, mode)     # 16 kHz in: no resampling, only the reading
     chunks = []
     for start in range(0, 3000, 1000):
         frame, _ = _frame_of(unit[:, start:start + 1000], fmt, layout)
@@ -318,7 +320,7 @@ def test_every_sample_format_becomes_the_channel_mean(fmt, layout, mode):
 def test_a_format_change_mid_stream_keeps_every_sample():
     """Streams may switch rate/layout/format part-way (e.g. concatenated files): the resampler
     is flushed and restarted, nothing is dropped or doubled."""
-    to_mono = decode_mod._ToMono16k(SR, "mix")
+    to_mono = mono.ToMono16k(SR, "mix")
     parts = [("s16", "stereo", 44100, 1.5), ("fltp", "mono", 48000, 1.0), ("flt", "stereo", 16000, 0.5),
              ("fltp", "5.1", 48000, 0.5)]     # the last goes through libswresample's down-mix
     out, expected = [], 0
@@ -421,7 +423,7 @@ def test_first_window_of_an_hour_reads_a_small_part(s3fs_client, s3_storage_opti
     assert isinstance(first, Window) and first.end_s == 30.0
     read = count_s3_reads["bytes"]
     assert read < 0.10 * size, f"{read} of {size} bytes for the first window"
-    assert read <= options.block_size + 2 * decode_mod.TAIL_BYTES + 2 * decode_mod.AVIO_BUFFER_BYTES
+    assert read <= options.block_size + 2 * reading.TAIL_BYTES + 2 * reading.AVIO_BUFFER_BYTES
     items.close()
 
 
@@ -493,13 +495,13 @@ def test_three_hour_file_streams_in_bounded_memory(tmp_path, monkeypatch):
     S.write_audio(path, S.speech_like(60.0, 8000), 8000, "mp3", bit_rate=8000, repeats=180)
     ref = ref_for(path)
     readers = []
-    original_open = decode_mod._open_input
+    original_open = stream.open_input
 
     def counting_open(*args, **kwargs):
         readers.append(_CountingReader(original_open(*args, **kwargs)))
         return readers[-1]
 
-    monkeypatch.setattr(decode_mod, "_open_input", counting_open)
+    monkeypatch.setattr(stream, "open_input", counting_open)
     gc.collect()
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -706,8 +708,8 @@ def test_read_error_part_way_keeps_earlier_windows(tmp_path, speech_files, monke
                 raise ConnectionResetError("connection reset by peer")
             return super().read(n)
 
-    original_open = decode_mod._open_input
-    monkeypatch.setattr(decode_mod, "_open_input", lambda *a, **k: Flaky(original_open(*a, **k)))
+    original_open = stream.open_input
+    monkeypatch.setattr(stream, "open_input", lambda *a, **k: Flaky(original_open(*a, **k)))
     windows, info = run(ref_for(speech_files["wav"]))
     assert (info.status, info.error_type) == ("partial", "read_error"), info
     assert "connection reset" in info.error_message
