@@ -85,7 +85,8 @@ _ERRORS = (
     ErrorType("non_finite_samples", DECODE, False,
               "NaN or infinite samples (a float file, or a down-mix that overflowed) replaced by silence (partial)"),
     ErrorType("read_error", DECODE, True,
-              "an I/O error while reading (network, object changed during the read, ...)"),
+              "an I/O error while reading (network, object changed during the read, ...), or a worker without "
+              "the file system package of the URI (gs:// without gcsfs)"),
     ErrorType("internal_error", DECODE, True, "anything else (a bug): logged with its traceback, never raised"),
     ErrorType(INFERENCE_ERROR, INFERENCE, True,
               "inference failed for a window even after the batch was retried and split"),

@@ -211,6 +211,22 @@ def test_manifest_entries_no_file_system_can_open(tmp_path):
     assert "Protocol not known" in infos["x.mp3"].error_message
 
 
+def test_a_manifest_entry_whose_file_system_package_is_not_installed(tmp_path):
+    """gs:// is a protocol fsspec knows, served by a package (gcsfs) this environment lacks: a
+    retried read_error naming the package, not an internal_error with a traceback."""
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed here")
+    except ImportError:
+        pass
+    manifest = tmp_path / "cloud.txt"
+    manifest.write_text("gs://bucket/show/x.mp3\n")
+    (ref,) = list_inputs(str(manifest))
+    info = decode(ref)[1]
+    assert (info.status, info.error_type) == ("error", "read_error"), info
+    assert "gcsfs" in info.error_message and "next run retries" in info.error_message
+
+
 # --- non-finite samples ----------------------------------------------------------------------
 
 

@@ -163,6 +163,9 @@ def _decode(ref: FileRef, options: DecodeOptions, storage_options: dict, probe: 
         fs, path = url_to_fs(ref.uri, **storage_options)
     except ValueError as e:     # e.g. a manifest entry with a protocol fsspec does not know
         raise Reject("not_found", f"no file system for this URI ({e})") from None
+    except ImportError as e:    # a known protocol whose package this worker lacks (gs:// without gcsfs)
+        raise Reject("read_error", f"this worker cannot read this URI: {e} (add the package to the "
+                                   f"workers' image or runtime_env; the next run retries it)") from None
     if is_local_filesystem(fs):
         _, st = local_file(path)      # the file's kind, found without opening it
         size: int | None = st.st_size
