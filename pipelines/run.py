@@ -430,6 +430,20 @@ def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = No
     return Resources(n_decode, n_infer, gpus_per, per_actor, batch_size, per_actor)
 
 
+def gpu_shortfall(plan: Resources, cluster: Mapping[str, float], stall_s: float | None) -> str | None:
+    """What to tell the user when the plan asks for GPUs the cluster does not have now (e.g.
+    ``--gpus-per-actor 1`` on a CPU-only machine, or a GPU group scaled to zero): the inference
+    actors wait for a node with GPUs, which an autoscaler may add, and the watchdog ends the run
+    after ``stall_s`` without results. None when the GPUs are there."""
+    need = plan.gpus_per_infer_actor
+    have = float(cluster.get("GPU", 0))
+    if need <= 0 or have >= need:
+        return None
+    after = f"after {stall_s:.0f} s without results (--stall-timeout-s)" if stall_s else "only when stopped"
+    return (f"the inference actors ask for {need:g} GPU each and the cluster has {have:g} GPU(s) now: they wait "
+            f"for a node with GPUs to join (an autoscaler adds one); without one the run fails {after}")
+
+
 def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any], buffer: CommitBuffer, *,
              isolate: bool) -> tuple[list[str], str, Resources]:
     """One pass of the Ray Data graph over ``refs``; returns (file ids not completed, stats, the
@@ -465,6 +479,10 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d, "
              "decode at most ~%d windows ahead", len(refs), plan.decode_actors, plan.infer_actors,
              plan.gpus_per_infer_actor, batch_size, ahead)
+    stall_s = stall_timeout_s(cfg, tasks, batch_size, plan)
+    shortfall = gpu_shortfall(plan, ray.cluster_resources(), stall_s)
+    if shortfall:
+        log.warning("%s", shortfall)
 
     ledger = start_ledger()
     # The pipeline's own switches (the test fault hook) reach the workers of this run only.
@@ -508,7 +526,7 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     assembler = ResultAssembler([t.name for t in tasks])
     # No result for the stall timeout (a restarted actor with nowhere to run) raises StallError.
     for batch in watch_dataset(ds, ds.iter_batches(batch_size=None, batch_format="pyarrow"),
-                               stall_timeout_s(cfg, tasks, batch_size, plan)):
+                               stall_s):
         done, failed = assembler.add(batch)
         buffer.add(done)
         buffer.add_failed(failed)
@@ -566,7 +584,11 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     chash = config_hash_of(cfg)
     model_id = model_id_for(cfg.model)
 
+    phases: dict[str, float] = {}     # driver wall time by phase, in the run record (counts.phases_s)
+    t_phase = time.monotonic()
     refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    phases["list"] = time.monotonic() - t_phase
+    t_phase = time.monotonic()
     run_id, resumed_rec = choose_run(store, cfg, chash)
     started = resumed_rec["started_at"] if resumed_rec else cm.utcnow().isoformat()
     resumes = list(resumed_rec.get("resumes", [])) if resumed_rec else []
@@ -581,6 +603,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                                 n_inputs=len(refs), n_todo=len(todo), skipped=skipped))
     committer = cm.Committer(store, run_id)
     committer.settle_in_flight(r.file_id for r in todo)
+    phases["ledger"] = time.monotonic() - t_phase
     progress = Progress(len(todo), cfg.progress)
     buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
@@ -593,7 +616,8 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         if todo:
             t_init = time.monotonic()
             with ray_session(cfg):
-                ray_init_s = time.monotonic() - t_init
+                ray_init_s = phases["ray_init"] = time.monotonic() - t_init
+                t_phase = time.monotonic()
                 pending = todo
                 for pass_no in range(max(1, cfg.max_passes)):
                     missing, pass_times, plan = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
@@ -610,7 +634,10 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                                            "Data logs of this run for the failing task)")
                                 for m in missing])
                 buffer.flush()
+                phases["graph"] = time.monotonic() - t_phase
+        t_phase = time.monotonic()
         committer.finish()   # compaction and checkpoints of the tables this run wrote to
+        phases["finish"] = time.monotonic() - t_phase
         status = cm.RUN_COMPLETED
     except KeyboardInterrupt:
         status = RUN_INTERRUPTED
@@ -636,8 +663,12 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
             "error": progress.status[schemas.STATUS_ERROR], "error_types": dict(progress.error_types),
             "audio_hours": progress.audio_s / 3600, "wall_s": wall,
         }
+        # phases_s: list (inputs), ledger (pending files, run record, in-flight commit), ray_init,
+        # graph (the Ray Data passes, driver commits included: commit_s of it), finish (compaction
+        # and checkpoints)
         counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
-                  "ray_init_s": round(ray_init_s, 3)}
+                  "ray_init_s": round(ray_init_s, 3),
+                  "phases_s": {k: round(v, 3) for k, v in phases.items()}}
         _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
                                           finished_at=cm.utcnow().isoformat(), counts=counts,
                                           resources=resources, error=error, **{stage_times.RECORD_KEY: times},

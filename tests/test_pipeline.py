@@ -21,6 +21,7 @@ import schemas
 from pipelines import commit as cm
 from pipelines.cli import main as cli_main
 from pipelines.decode import DecodeOptions
+from pipelines.ops import report
 from pipelines.run import PipelineConfig, run_pipeline
 from pipelines.synth import noise, speech_like, tone, write_audio, write_video
 
@@ -189,6 +190,12 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     # what the run planned on this CPU-only Ray: the CPU batch size, one CPU inference actor
     assert (rec["batch_size"], rec["resources"]["batch_size"]) == (None, 8)
     assert rec["resources"]["infer_actors"] == 1 and rec["resources"]["gpus_per_infer_actor"] == 0
+    # where the driver's wall time went: each phase, within the run's wall time
+    phases = rec["counts"]["phases_s"]
+    assert set(phases) == {"list", "ledger", "ray_init", "graph", "finish"}
+    assert all(v >= 0 for v in phases.values()) and phases["graph"] > 0
+    assert sum(phases.values()) <= rec["counts"]["wall_s"] and rec["counts"]["commit_s"] <= phases["graph"]
+    assert "  of which: listing " in report.render_text(report.collect(str(out), first.run_id))
     store.write_run({**rec, "status": cm.RUN_RUNNING})
 
     assert cli_main(["status", str(out)]) == 0
@@ -372,6 +379,25 @@ def test_resources_follow_the_cluster():
     assert (cpu.infer_actors, cpu.gpus_per_infer_actor, cpu.decode_actors, cpu.batch_size) == (1, 0.0, 1, 8)
     half = plan_resources(dataclasses.replace(cfg, gpus_per_infer_actor=0.5, batch_size=12), {"CPU": 8.0, "GPU": 2.0})
     assert (half.infer_actors, half.decode_actors, half.batch_size) == (4, 4, 12)
+
+
+def test_gpus_the_cluster_lacks_are_named_at_once():
+    """--gpus-per-actor on a cluster without (enough) GPUs: the run says at once that its
+    inference actors wait for a GPU node and when the watchdog gives up, instead of waiting
+    silently."""
+    from pipelines.run import gpu_shortfall, plan_resources
+
+    cfg = PipelineConfig(input="x", out="y", gpus_per_infer_actor=1.0)
+    cpu_only = {"CPU": 2.0}
+    message = gpu_shortfall(plan_resources(cfg, cpu_only), cpu_only, 960.0)
+    assert message is not None
+    assert "1 GPU each" in message and "0 GPU(s) now" in message and "after 960 s" in message
+    gpu = {"CPU": 8.0, "GPU": 2.0}
+    assert gpu_shortfall(plan_resources(cfg, gpu), gpu, 960.0) is None
+    # the default plan asks for no GPU on a CPU-only cluster
+    assert gpu_shortfall(plan_resources(PipelineConfig(input="x", out="y"), cpu_only), cpu_only, 960.0) is None
+    half = {"CPU": 4.0, "GPU": 0.5}     # less than one actor's share
+    assert "0.5 GPU(s) now" in gpu_shortfall(plan_resources(cfg, half), half, None)
 
 
 def test_file_info_rides_on_the_last_window(tmp_path):

@@ -275,6 +275,24 @@ def _counts(c: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
+_PHASES = {"list": "listing", "ledger": "ledger", "ray_init": "Ray start", "graph": "decode + inference",
+           "finish": "compaction"}
+
+
+def _phases_line(counts: Mapping[str, Any]) -> list[str]:
+    """Where the driver's wall time went (``counts.phases_s`` of the run record; none in records
+    of runs before it was kept)."""
+    phases = counts.get("phases_s") or {}
+    if not phases:
+        return []
+    parts = []
+    for key in [*_PHASES, *sorted(set(phases) - set(_PHASES))]:     # in the order they run
+        if key in phases:
+            commits = f" (commits {_fmt_s(counts['commit_s'])})" if key == "graph" and "commit_s" in counts else ""
+            parts.append(f"{_PHASES.get(key, key)} {_fmt_s(phases[key])}{commits}")
+    return ["  of which: " + ", ".join(parts)]
+
+
 def render_text(d: ReportData) -> str:
     rec = d.record
     counts = rec.get("counts") or {}
@@ -296,6 +314,7 @@ def render_text(d: ReportData) -> str:
            if d.durations_s else ""),
         f"wall: {_fmt_s(d.wall_s)}"
         + (f" -> {d.throughput:.1f} audio-h per wall-h" if d.throughput is not None else ""),
+        *_phases_line(counts),
         f"segment rows: {d.segment_rows} ({_counts(d.tasks)})",
         _speech_line(d),
     ]
