@@ -48,3 +48,20 @@ def test_gpu_throughput_skips_without_gpu():
         pytest.skip("a GPU is present: the full benchmark would run")
     last = run_script("gpu_throughput.py")
     assert last.startswith("gpu_throughput: skipped, no GPU"), last
+
+
+def test_gpu_session_script_dry_run(tmp_path):
+    """benchmarks/gpu_session.sh, the prepared command for a lent GPU machine, runs both models'
+    benchmark under their limits and leaves one log per model in $OUT (--smoke: the CPU dry run)."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_13b.txt", "gpu_7b.txt", "nvidia-smi.txt",
+                                                          "versions.txt"]
+    for log in ("gpu_13b.txt", "gpu_7b.txt"):
+        last = (tmp_path / log).read_text().strip().splitlines()[-1]
+        assert re.match(FINAL_LINES["gpu_throughput.py"], last), last
+    assert "torch" in (tmp_path / "versions.txt").read_text()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU figures as one prepared command, for a session lent a GPU machine by the device tool:
+#
+#     run(command="bash benchmarks/gpu_session.sh", timeout_s=570)
+#
+# It uses that machine's own python3 (its image has torch, transformers, peft and safetensors;
+# salmonn/ needs nothing else and no Ray) with this checkout on PYTHONPATH, and writes each log
+# to $OUT (which comes back) or ./gpu-logs. 13B first, then 7B, each under its own time limit, so
+# that a slow configuration costs the rest of its model's list, not the other model's figures;
+# gpu_throughput.py prints each configuration's line as soon as it is measured, so a log cut off
+# by its limit still holds every configuration measured before. Extra arguments go to both runs
+# (e.g. --batch-sizes 8,32,64 --beams 1 to measure less; --smoke for the CPU dry run of this
+# script, as tests/test_benchmarks_smoke.py does).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-logs}
+PY=${PYTHON:-python3}
+LIMIT_13B=${LIMIT_13B:-330}
+LIMIT_7B=${LIMIT_7B:-200}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{ nvidia-smi 2>&1 || echo "no nvidia-smi here"; } > "$OUT/nvidia-smi.txt"
+"$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee "$OUT/versions.txt"
+
+status=0
+for spec in "salmonn-13b $LIMIT_13B" "salmonn-7b $LIMIT_7B"; do
+    model=${spec% *}; limit=${spec#* }
+    timeout "$limit" "$PY" benchmarks/gpu_throughput.py --models "$model" "${@}" 2>&1 | tee "$OUT/gpu_${model#salmonn-}.txt"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        echo "gpu_session: $model ended with status $rc (124: its ${limit} s limit; the log holds what was measured)"
+        status=$rc
+    fi
+done
+exit $status
