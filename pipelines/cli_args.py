@@ -149,7 +149,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-actors", type=int, help="max decode actors (default: free CPUs)")
     p.add_argument("--infer-actors", type=int, help="inference actors (default: one per GPU, or 1)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor (default: 1 if GPUs exist)")
-    p.add_argument("--flush-files", type=int, default=32, help="commit every N complete files")
+    p.add_argument("--flush-files", type=int, default=32,
+                   help="commit every N complete files (commits that take long, e.g. reprocessing in a large "
+                        "table, are spaced to 9x their duration)")
     p.add_argument("--flush-seconds", type=float, default=30.0, help="...or every S seconds")
     p.add_argument("--stall-timeout-s", type=float,
                    help="fail the run when no result comes for this long (default: 15 min plus a bound on "

@@ -214,3 +214,57 @@ def test_model_and_stages_import_no_ray():
             "from pipelines.infer import SalmonnPredictor\n"
             "assert 'ray' not in sys.modules, sorted(k for k in sys.modules if k.startswith('ray'))[:5]\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _error_refs(n: int):
+    import datetime as dt
+
+    from pipelines.sources import FileRef, file_id_for
+
+    uris = [f"/archive/clip{i:02d}.mp3" for i in range(n)]
+    return [FileRef(u, 100, None, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), file_id_for(u)) for u in uris]
+
+
+def _buffer(out, refs, **kw):
+    from pipelines.run import CommitBuffer, Progress
+
+    store = cm.OutputStore(str(out))
+    buffer = CommitBuffer(cm.Committer(store, "20260101T000000Z-spaced"), {r.file_id: r for r in refs},
+                          Progress(len(refs), False), run_id="20260101T000000Z-spaced", model_id="m", chash="h",
+                          flush_files=1, flush_seconds=0.0, **kw)
+    return store, buffer
+
+
+def test_slow_commits_are_spaced_out_and_carry_the_files_completed_meanwhile(tmp_path, monkeypatch):
+    """A commit that takes long (one that rewrites big data files: reprocessing in a large table)
+    makes the next one wait 9x its duration; the files completed meanwhile go into one commit,
+    none lost or written twice. Without spacing (commit_share=None) each file is its own commit."""
+    import time
+
+    from pipelines import faults
+    from pipelines.run import error_file
+
+    refs = _error_refs(10)
+    # the commit holding clip00 is slow (the fault hook's sleep stands in for a slow rewrite)
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "commit", "uri_contains": "clip00", "sleep_s": 0.3}]))
+    store, buffer = _buffer(tmp_path / "spaced", refs)
+    for ref in refs[:6]:
+        buffer.add([error_file(ref, "not_found", "gone")])
+    # the first file was committed at once (0.3 s); the next five wait for 2.7 s after it
+    assert buffer.n_commits == 1 and len(buffer.buffer) == 5 and buffer.last_commit_s >= 0.3
+    time.sleep(max(0.0, buffer.last_commit_end + 9 * buffer.last_commit_s - time.monotonic()) + 0.1)
+    buffer.add([error_file(refs[6], "not_found", "gone")])
+    assert buffer.n_commits == 2 and not buffer.buffer     # the wait is over: six files in one commit
+    for ref in refs[7:]:      # within 9x that commit's time after it: they wait for the last flush
+        buffer.add([error_file(ref, "not_found", "gone")])
+    assert buffer.n_commits == 2 and len(buffer.buffer) == 3
+    buffer.flush()            # the end of a pass commits whatever is buffered, at once
+    assert buffer.n_commits == 3 and not buffer.buffer
+    files = store.read_table("files")
+    assert sorted(files["uri"].to_pylist()) == sorted(r.uri for r in refs) and files.num_rows == 10
+
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "commit", "sleep_s": 0.05}]))   # every commit slow
+    store, buffer = _buffer(tmp_path / "unspaced", refs, commit_share=None)
+    for ref in refs:
+        buffer.add([error_file(ref, "not_found", "gone")])
+    assert buffer.n_commits == 10 and store.read_table("files").num_rows == 10
