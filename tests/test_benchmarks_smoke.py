@@ -22,6 +22,8 @@ FINAL_LINES = {
     "multitask.py": r"^multitask: 3 tasks / 1 task = \d+\.\d+x the 1-task time \(goal <= 2\.2x\); "
                     r"encoder share of the 1-task time \d+%$",
     "gpu_throughput.py": r"^gpu_throughput: smoke run, .*best / official-style loop = \d+\.\d+x .*\(goal >= 20x.*\)$",
+    "commit_scale.py": r"^commit_scale: reprocessing 100 of 500 files: every 32 files \d+\.\d+ s / spaced \d+\.\d+ s "
+                       r"= \d+\.\d+x wall; committing .* = \d+\.\dx$",
 }
 
 
@@ -36,7 +38,7 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 @pytest.mark.parametrize("name", sorted(FINAL_LINES))
 def test_benchmark_smoke(name, tmp_path):
-    extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py") else []
+    extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py", "commit_scale.py") else []
     last = run_script(name, "--smoke", *extra)
     assert re.match(FINAL_LINES[name], last), f"unexpected final line of {name}: {last!r}"
 
