@@ -91,6 +91,18 @@ STATS_COLUMNS = {
 LEDGER_COLUMNS = ["file_id", "uri", "version", "etag", "size_bytes", "mtime", "config_hash", "status",
                   "error_type", "run_id"]
 MIGRATE_APP_ID = "salmonn-pipeline-migrate"
+# One process at a time compacts an OUT. delta-rs 1.6 lets two concurrent compactions of the same
+# data files both commit (its conflict checker passes removes marked dataChange=false, which is
+# what a compaction's are), and each adds its own rewritten copy of the rows: every row of those
+# files twice. Two runs finishing together did exactly that. The lease is a row in a small Delta
+# table of its own, taken with an overwrite on a predicate, which Delta's conflict checker does
+# serialize: of two processes taking it at once, one commit fails. A crashed holder's lease ends
+# after LEASE_S.
+LEASE_TABLE = "_maintenance"
+LEASE_NAME = "compaction"
+LEASE_S = 3600.0
+_LEASE_SCHEMA = pa.schema([pa.field("name", pa.string(), nullable=False), pa.field("holder", pa.string()),
+                           pa.field("until", pa.timestamp("us", tz="UTC"))])
 SCHEMA_VERSION_KEY = schemas.METADATA_KEY.decode()
 
 WRITER_PROPERTIES = WriterProperties(compression="ZSTD")
@@ -98,6 +110,17 @@ WRITER_PROPERTIES = WriterProperties(compression="ZSTD")
 # Storage-option keys whose values are secrets: never written to run records or logs.
 _SECRET_HINTS = ("secret", "key", "token", "password", "credential", "session", "auth")
 _PUBLIC_KEYS = frozenset({"endpoint_url", "anon", "region_name", "profile", "use_ssl", "block_size"})
+
+
+class MaintenanceBusy(RuntimeError):
+    """Another process holds this output's compaction lease."""
+
+
+def _holder(what: str) -> str:
+    """Who takes a lease: what, on which host and process."""
+    import socket
+
+    return f"{what} on {socket.gethostname()} (pid {os.getpid()})"
 
 
 class OldLayoutError(RuntimeError):
@@ -423,12 +446,74 @@ class OutputStore:
         checkpoint, and with ``vacuum_hours`` delete data files no version newer than that needs
         (time travel before it ends there) and untracked files older than that."""
         report: dict[str, Any] = {}
-        for name in TABLE_NAMES:
-            dt_ = self.table(name)
-            if dt_ is None:
-                continue
-            report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
+        if all(self.table(name) is None for name in TABLE_NAMES):
+            return report
+        holder = _holder("maintain")
+        busy = self.claim_maintenance(holder)
+        if busy is not None:
+            raise MaintenanceBusy(f"{busy} is compacting {self.out}; try again when it is done (a lease left "
+                                  f"by a process that died ends by itself)")
+        try:
+            for name in TABLE_NAMES:
+                dt_ = self.table(name)
+                if dt_ is None:
+                    continue
+                report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
+        finally:
+            self.release_maintenance(holder)
         return report
+
+    def claim_maintenance(self, holder: str, *, lease_s: float = LEASE_S) -> str | None:
+        """Take the compaction lease of this OUT for ``holder`` (for ``lease_s`` seconds): None
+        when taken, else who holds it and until when."""
+        dt_ = self._lease_table()
+        held = self._lease(dt_)
+        now = utcnow()
+        if held is not None and held["holder"] not in (None, holder) and held["until"] > now:
+            return f"{held['holder']} (lease until {held['until'].isoformat(timespec='seconds')})"
+        row = pa.Table.from_pylist([{"name": LEASE_NAME, "holder": holder,
+                                     "until": now + dt.timedelta(seconds=lease_s)}], schema=_LEASE_SCHEMA)
+        try:
+            write_deltalake(dt_, row, mode="overwrite", predicate=f"name = {_sql_str(LEASE_NAME)}")
+        except CommitFailedError:      # another process took it at the same moment
+            dt_.update_incremental()
+            held = self._lease(dt_)
+            return f"{held['holder'] if held else 'another process'} (taken at the same moment)"
+        return None
+
+    def release_maintenance(self, holder: str) -> None:
+        """End ``holder``'s lease (best effort: an unreleased lease ends by itself)."""
+        try:
+            dt_ = self._lease_table()
+            held = self._lease(dt_)
+            if held is None or held["holder"] != holder:
+                return
+            row = pa.Table.from_pylist([{"name": LEASE_NAME, "holder": None, "until": utcnow()}],
+                                       schema=_LEASE_SCHEMA)
+            write_deltalake(dt_, row, mode="overwrite", predicate=f"name = {_sql_str(LEASE_NAME)}")
+            if dt_.version() % 50 == 0:    # two versions a run: keep its log and data files few
+                dt_.create_checkpoint()
+                dt_.cleanup_metadata()
+                dt_.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+        except Exception as e:  # noqa: BLE001 - the lease expires anyway
+            log.warning("could not release the compaction lease of %s (%s); it ends by itself", self.out, e)
+
+    def _lease_table(self) -> DeltaTable:
+        uri, options = self.table_uri(LEASE_TABLE), dict(self.delta_options)
+        try:
+            return DeltaTable(uri, storage_options=options)
+        except TableNotFoundError:
+            try:
+                return DeltaTable.create(uri, _LEASE_SCHEMA, mode="ignore", name=LEASE_TABLE,
+                                         description="salmonn-pipeline: who is compacting this output",
+                                         storage_options=options, raise_if_key_not_exists=False)
+            except CommitFailedError:  # created by another process at the same moment
+                return DeltaTable(uri, storage_options=options)
+
+    @staticmethod
+    def _lease(dt_: DeltaTable) -> dict[str, Any] | None:
+        rows = [r for r in dt_.to_pyarrow_table().to_pylist() if r["name"] == LEASE_NAME]
+        return rows[0] if rows else None
 
     # -- the earlier layout (read by migrate) -----------------------------------------------
     def legacy_parts(self) -> list[str]:
@@ -703,13 +788,31 @@ class Committer:
         return _retry_conflicts(f"commit {seq} to {name}", write, dt_.update_incremental, COMMIT_ATTEMPTS)
 
     def finish(self) -> dict[str, Any]:
-        """End of a run that committed something: compact the tables and write checkpoints."""
+        """End of a run that committed something: compact the tables and write checkpoints. When
+        another process holds the compaction lease (a concurrent run finishing, ``maintain``),
+        this run only writes checkpoints: the next compaction takes its files too."""
         if not self.n_commits:
             return {}
+        holder = _holder(f"run {self.run_id}")
+        try:
+            busy = self.store.claim_maintenance(holder)
+        except Exception as e:  # noqa: BLE001 - without the lease, no compaction; the run is done anyway
+            busy = f"nobody known (the lease could not be read: {type(e).__name__}: {e})"
+        if busy is not None:
+            log.warning("compaction skipped: %s is compacting this output (the next run or `salmonn-pipeline "
+                        "maintain` compacts the files this run wrote)", busy)
         report = {}
-        for name, dt_ in self.tables.items():
-            dt_.update_incremental()
-            report[name] = _maintain_table(dt_, name, vacuum_hours=None, target_size=TARGET_FILE_SIZE)
+        try:
+            for name, dt_ in self.tables.items():
+                dt_.update_incremental()
+                if busy is None:
+                    report[name] = _maintain_table(dt_, name, vacuum_hours=None, target_size=TARGET_FILE_SIZE)
+                else:
+                    dt_.create_checkpoint()
+                    report[name] = {"version": dt_.version(), "skipped": busy}
+        finally:
+            if busy is None:
+                self.store.release_maintenance(holder)
         return report
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 import schemas
 from pipelines import commit as cm
@@ -282,3 +284,58 @@ def test_two_concurrent_runs_with_overlapping_inputs(tmp_path):
     assert len(keys) == len(set(keys)) == sum(files["n_segments"].to_pylist()) * 3
     # a run's commits complete: its files' ledger rows are all there, whichever run wrote them last
     assert all(store.committed_seq(r) >= 1 for r in runs)
+
+
+def test_one_compaction_at_a_time(tmp_path, capsys):
+    """delta-rs (1.6) lets two concurrent compactions of the same data files both commit, each
+    adding its own copy of the rows (two runs finishing together doubled every row). The
+    compaction lease keeps a second one out: a run's finish then only writes checkpoints,
+    `maintain` says who holds it and exits 1; a released or expired lease can be taken."""
+    from pipelines.cli import main as cli_main
+
+    out = str(tmp_path / "out")
+    store = cm.OutputStore(out)
+    run = "20260301T000000Z-aaaaaa"
+    committer = cm.Committer(store, run)
+    for names in (["a", "b"], ["c", "d"], ["e"]):          # three small data files per table
+        committer.commit(*_batch(run, names))
+    elsewhere = cm.OutputStore(out)
+    assert elsewhere.claim_maintenance("maintain on host-b (pid 7)") is None
+    assert store.claim_maintenance("someone else").startswith("maintain on host-b (pid 7) (lease until ")
+
+    report = committer.finish()       # the run ends while the other process compacts
+    assert {r["skipped"].split(" (lease")[0] for r in report.values()} == {"maintain on host-b (pid 7)"}
+    assert len(store.data_files("files")) == 3 and len(store.data_files("segments")) == 3
+    assert cli_main(["maintain", out]) == 1
+    assert "maintain on host-b (pid 7)" in capsys.readouterr().err
+    _assert_each_file_once(store, 5)
+
+    elsewhere.release_maintenance("someone else")            # only its holder releases a lease
+    assert store.claim_maintenance("x") is not None
+    elsewhere.release_maintenance("maintain on host-b (pid 7)")
+    assert cli_main(["maintain", out]) == 0
+    assert len(store.data_files("files")) == 1 and len(store.data_files("segments")) == 1
+    _assert_each_file_once(store, 5)
+
+    # a holder that died: its lease ends by itself
+    assert elsewhere.claim_maintenance("a run that was killed", lease_s=-1.0) is None
+    assert store.claim_maintenance("the next run") is None
+    assert elsewhere.claim_maintenance("a third").startswith("the next run")
+
+
+def test_two_processes_taking_the_lease_at_once_one_loses(tmp_path):
+    """What the lease rests on: two overwrites of the lease row from the same table version
+    (two processes at the same moment) do not both commit; Delta's conflict checker fails the
+    second, which then sees the first's holder."""
+    from deltalake import DeltaTable
+
+    store = cm.OutputStore(str(tmp_path / "out"))
+    assert store.claim_maintenance("first") is None
+    store.release_maintenance("first")
+    uri = store.table_uri(cm.LEASE_TABLE)
+    stale_a, stale_b = DeltaTable(uri), DeltaTable(uri)
+    row = pa.Table.from_pylist([{"name": cm.LEASE_NAME, "holder": "a", "until": cm.utcnow()}],
+                               schema=cm._LEASE_SCHEMA)
+    write_deltalake(stale_a, row, mode="overwrite", predicate=f"name = '{cm.LEASE_NAME}'")
+    with pytest.raises(CommitFailedError):
+        write_deltalake(stale_b, row, mode="overwrite", predicate=f"name = '{cm.LEASE_NAME}'")

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from pipelines.cli_args import add_run_args, config_from_args, parse_kv
-from pipelines.commit import OldLayoutError
+from pipelines.commit import MaintenanceBusy, OldLayoutError
 from salmonn import weights
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     store = OutputStore(args.out, _kv(args.storage_option, "--storage-option"))
     try:
         report = store.maintain(vacuum_hours=args.vacuum_hours, target_size=args.target_mib * 2**20)
-    except OldLayoutError as e:
+    except (OldLayoutError, MaintenanceBusy) as e:
         print(f"maintain: {e}", file=sys.stderr)
         return 1
     if not report:
