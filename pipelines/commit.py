@@ -454,10 +454,13 @@ class OutputStore:
             raise MaintenanceBusy(f"{busy} is compacting {self.out}; try again when it is done (a lease left "
                                   f"by a process that died ends by itself)")
         try:
-            for name in TABLE_NAMES:
+            for i, name in enumerate(TABLE_NAMES):
                 dt_ = self.table(name)
                 if dt_ is None:
                     continue
+                if i and (busy := self.claim_maintenance(holder)) is not None:   # renewed per table
+                    raise MaintenanceBusy(f"the lease ran out during the compaction of {TABLE_NAMES[i - 1]} and "
+                                          f"{busy} took it; {name} was not compacted")
                 report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
         finally:
             self.release_maintenance(holder)
@@ -794,17 +797,23 @@ class Committer:
         if not self.n_commits:
             return {}
         holder = _holder(f"run {self.run_id}")
-        try:
-            busy = self.store.claim_maintenance(holder)
-        except Exception as e:  # noqa: BLE001 - without the lease, no compaction; the run is done anyway
-            busy = f"nobody known (the lease could not be read: {type(e).__name__}: {e})"
+
+        def claim() -> str | None:
+            try:
+                return self.store.claim_maintenance(holder)
+            except Exception as e:  # noqa: BLE001 - without the lease, no compaction; the run is done anyway
+                return f"nobody known (the lease could not be read: {type(e).__name__}: {e})"
+
+        busy = claim()
         if busy is not None:
             log.warning("compaction skipped: %s is compacting this output (the next run or `salmonn-pipeline "
                         "maintain` compacts the files this run wrote)", busy)
         report = {}
         try:
-            for name, dt_ in self.tables.items():
+            for i, (name, dt_) in enumerate(self.tables.items()):
                 dt_.update_incremental()
+                if busy is None and i:
+                    busy = claim()     # renewed per table (a long compaction); lost: not ours to release
                 if busy is None:
                     report[name] = _maintain_table(dt_, name, vacuum_hours=None, target_size=TARGET_FILE_SIZE)
                 else:

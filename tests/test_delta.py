@@ -321,6 +321,9 @@ def test_one_compaction_at_a_time(tmp_path, capsys):
     assert elsewhere.claim_maintenance("a run that was killed", lease_s=-1.0) is None
     assert store.claim_maintenance("the next run") is None
     assert elsewhere.claim_maintenance("a third").startswith("the next run")
+    # its holder renews it (between tables, for a long compaction); nobody else can meanwhile
+    assert store.claim_maintenance("the next run", lease_s=7200) is None
+    assert "the next run" in elsewhere.claim_maintenance("a third")
 
 
 def test_two_processes_taking_the_lease_at_once_one_loses(tmp_path):
