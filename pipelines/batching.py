@@ -1,13 +1,8 @@
-"""Shared by the Ray-free stage adapters: the attempt ledger protocol and its error type."""
+"""Shared by the Ray-free stage adapters: the attempt ledger protocol."""
 
 from __future__ import annotations
 
 from typing import Protocol
-
-# error types: work that killed its worker process on every attempt; a window whose inference
-# raised on every try (retried, then isolated)
-from schemas.vocabulary import INFERENCE_ERROR as INFERENCE_ERROR
-from schemas.vocabulary import WORKER_CRASH as WORKER_CRASH
 
 
 class AttemptLedger(Protocol):

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import faults
-from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH, AttemptLedger
+from pipelines.batching import AttemptLedger
 from schemas import stage as st
-from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE
+from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE, INFERENCE_ERROR, WORKER_CRASH
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import faults
-from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH, AttemptLedger
+from pipelines.batching import AttemptLedger
 from pipelines.decode import DecodeOptions, FileInfo, Window, decode_file
 from pipelines.sources import FileRef
 from pipelines.vad import PauseCutter, SpeechDetector
 from schemas import STATUS_ERROR
 from schemas import stage as st
-from schemas.vocabulary import PIPELINE_ERROR as PIPELINE_ERROR
+from schemas.vocabulary import INFERENCE_ERROR, WORKER_CRASH
 
 log = logging.getLogger(__name__)
 
