@@ -445,26 +445,44 @@ class OutputStore:
         """Compact both tables (small data files into files of ``target_size``), write a
         checkpoint, and with ``vacuum_hours`` delete data files no version newer than that needs
         (time travel before it ends there) and untracked files older than that."""
-        report: dict[str, Any] = {}
-        if all(self.table(name) is None for name in TABLE_NAMES):
-            return report
-        holder = _holder("maintain")
-        busy = self.claim_maintenance(holder)
-        if busy is not None:
+        tables = {name: dt_ for name in TABLE_NAMES if (dt_ := self.table(name)) is not None}
+        if not tables:
+            return {}
+        report, busy = self.compact_under_lease(tables, _holder("maintain"), vacuum_hours=vacuum_hours,
+                                                target_size=target_size)
+        if busy is not None and not report:
             raise MaintenanceBusy(f"{busy} is compacting {self.out}; try again when it is done (a lease left "
                                   f"by a process that died ends by itself)")
-        try:
-            for i, name in enumerate(TABLE_NAMES):
-                dt_ = self.table(name)
-                if dt_ is None:
-                    continue
-                if i and (busy := self.claim_maintenance(holder)) is not None:   # renewed per table
-                    raise MaintenanceBusy(f"the lease ran out during the compaction of {TABLE_NAMES[i - 1]} and "
-                                          f"{busy} took it; {name} was not compacted")
-                report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
-        finally:
-            self.release_maintenance(holder)
+        if busy is not None:
+            left = [name for name in tables if name not in report]
+            raise MaintenanceBusy(f"the lease ran out during the compaction of {list(report)[-1]} and {busy} took "
+                                  f"it; {', '.join(left)} was not compacted")
         return report
+
+    def compact_under_lease(self, tables: Mapping[str, DeltaTable], holder: str, *, vacuum_hours: float | None = None,
+                            target_size: int = TARGET_FILE_SIZE,
+                            lenient: bool = False) -> tuple[dict[str, Any], str | None]:
+        """Compact (and with ``vacuum_hours`` vacuum) ``tables`` in order while ``holder`` holds
+        the compaction lease, taken again before each table (a long compaction is not joined by
+        another). Returns the reports of the tables compacted and, when the lease could not be had
+        or was lost on the way, who held it (the tables after that are left as they are).
+        ``lenient``: a lease that cannot be read counts as held by somebody else, not an error."""
+        report: dict[str, Any] = {}
+        try:
+            for name, dt_ in tables.items():
+                try:
+                    busy = self.claim_maintenance(holder)
+                except Exception as e:  # noqa: BLE001 - lenient: without the lease, no compaction
+                    if not lenient:
+                        raise
+                    busy = f"nobody known (the lease could not be read: {type(e).__name__}: {e})"
+                if busy is not None:
+                    return report, busy
+                dt_.update_incremental()
+                report[name] = _maintain_table(dt_, name, vacuum_hours=vacuum_hours, target_size=target_size)
+            return report, None
+        finally:
+            self.release_maintenance(holder)     # only if held by ``holder``
 
     def claim_maintenance(self, holder: str, *, lease_s: float = LEASE_S) -> str | None:
         """Take the compaction lease of this OUT for ``holder`` (for ``lease_s`` seconds): None
@@ -796,32 +814,15 @@ class Committer:
         this run only writes checkpoints: the next compaction takes its files too."""
         if not self.n_commits:
             return {}
-        holder = _holder(f"run {self.run_id}")
-
-        def claim() -> str | None:
-            try:
-                return self.store.claim_maintenance(holder)
-            except Exception as e:  # noqa: BLE001 - without the lease, no compaction; the run is done anyway
-                return f"nobody known (the lease could not be read: {type(e).__name__}: {e})"
-
-        busy = claim()
+        report, busy = self.store.compact_under_lease(self.tables, _holder(f"run {self.run_id}"), lenient=True)
         if busy is not None:
             log.warning("compaction skipped: %s is compacting this output (the next run or `salmonn-pipeline "
                         "maintain` compacts the files this run wrote)", busy)
-        report = {}
-        try:
-            for i, (name, dt_) in enumerate(self.tables.items()):
-                dt_.update_incremental()
-                if busy is None and i:
-                    busy = claim()     # renewed per table (a long compaction); lost: not ours to release
-                if busy is None:
-                    report[name] = _maintain_table(dt_, name, vacuum_hours=None, target_size=TARGET_FILE_SIZE)
-                else:
+            for name, dt_ in self.tables.items():
+                if name not in report:
+                    dt_.update_incremental()
                     dt_.create_checkpoint()
                     report[name] = {"version": dt_.version(), "skipped": busy}
-        finally:
-            if busy is None:
-                self.store.release_maintenance(holder)
         return report
 
 

@@ -32,12 +32,10 @@ import pipelines
 import schemas
 from pipelines import commit as cm
 from pipelines import faults, stage_times, storage
-from pipelines.batching import INFERENCE_ERROR, WORKER_CRASH
 from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
 from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
 from pipelines.stages import (
-    PIPELINE_ERROR,
     CompleteFile,
     DecodeStage,
     FailedFile,
@@ -46,7 +44,7 @@ from pipelines.stages import (
     refs_table,
 )
 from pipelines.watchdog import StallError, stall_timeout_s, watch_dataset
-from schemas.vocabulary import RUN_INTERRUPTED
+from schemas.vocabulary import INFERENCE_ERROR, PIPELINE_ERROR, RUN_INTERRUPTED, WORKER_CRASH
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +282,10 @@ class CommitBuffer:
         self.spaced = False          # commits are being spaced out (logged once)
         self.committed_ids: set[str] = set()
         self.commit_s = 0.0   # driver time spent writing parts and commit records
-        self.n_commits = 0
+
+    @property
+    def n_commits(self) -> int:
+        return self.committer.n_commits
 
     def add(self, done: Sequence[CompleteFile]) -> None:
         for d in done:
@@ -326,7 +327,6 @@ class CommitBuffer:
         self.last_commit_end = time.monotonic()
         self.last_commit_s = self.last_commit_end - t0
         self.commit_s += self.last_commit_s
-        self.n_commits += 1
         self.committed_ids.update(self.buffer)
         self.progress.add(files)
         self.buffer = {}
@@ -646,13 +646,12 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     times: list[dict[str, Any]] = list(resumed_rec.get(stage_times.RECORD_KEY, [])) if resumed_rec else []
     status = cm.RUN_FAILED
     error: str | None = None
-    ray_init_s = 0.0
     resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
     try:
         if todo:
             t_init = time.monotonic()
             with ray_session(cfg):
-                ray_init_s = phases["ray_init"] = time.monotonic() - t_init
+                phases["ray_init"] = time.monotonic() - t_init
                 t_phase = time.monotonic()
                 pending = todo
                 for pass_no in range(max(1, cfg.max_passes)):
@@ -703,7 +702,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         # graph (the Ray Data passes, driver commits included: commit_s of it), finish (compaction
         # and checkpoints)
         counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
-                  "ray_init_s": round(ray_init_s, 3),
+                  "ray_init_s": round(phases.get("ray_init", 0.0), 3),
                   "phases_s": {k: round(v, 3) for k, v in phases.items()}}
         _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
                                           finished_at=cm.utcnow().isoformat(), counts=counts,
