@@ -94,6 +94,7 @@ class SalmonnPredictor:
         self.max_windows: int | None = None   # windows run at once; set when memory ran out
         self.speech_threshold = speech_threshold
         self.generations_skipped = 0          # (window, task) rows the speech gate answered
+        self.controls_dropped = 0             # control characters removed from answers (salmonn.text)
         log.info("SALMONN predictor ready: model %s on %s, tasks %s",
                  self.model_id, device, [t.name for t in self.tasks])
 
@@ -218,6 +219,12 @@ class SalmonnPredictor:
                     generations = {(i, name): gens[j] for name, gens in out.items() for j, i in enumerate(run)}
                 else:
                     generations = self._generate_gated(embeds, run, plan)
+        dropped = sum(g.dropped_controls for g in generations.values())
+        if dropped:
+            self.controls_dropped += dropped
+            log.warning("dropped %d control character(s) from the answers of %d windows (byte-fallback tokens "
+                        "decoded to NUL, form feed, ...; %d so far in this actor)", dropped, len(windows),
+                        self.controls_dropped)
         rows = []
         for t, task in enumerate(self.tasks):
             for i, w in enumerate(windows):

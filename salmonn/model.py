@@ -29,6 +29,7 @@ from .config import GenerationSettings, SalmonnConfig
 from .features import beats_fbank, whisper_log_mel
 from .prompts import Task, split_prompt
 from .qformer import WindowQformer
+from .text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,10 @@ FINISH_LENGTH = "length"  # max_new_tokens reached
 class Generation:
     """One answer. `token_ids` are the generated tokens without EOS."""
 
-    text: str
+    text: str  # control characters other than newline and tab removed (salmonn.text)
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop" | "length"
+    dropped_controls: int = 0  # control characters the decoded tokens held, not in `text`
 
     @property
     def n_tokens(self) -> int:
@@ -318,8 +320,8 @@ class Salmonn(nn.Module):
             ids, reason = ids[: ids.index(eos)], FINISH_STOP
         else:
             reason = FINISH_LENGTH
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Generation(text=text, token_ids=tuple(ids), finish_reason=reason)
+        text, dropped = clean_text(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return Generation(text=text.strip(), token_ids=tuple(ids), finish_reason=reason, dropped_controls=dropped)
 
     def generate_tasks(self, speech_embeds: torch.Tensor, tasks: Sequence[Task]) -> dict[str, list[Generation]]:
         """Run every task on every row of speech_embeds (B, W*Q, D).

@@ -40,6 +40,7 @@ import fsspec
 from pipelines import commit as cm
 from pipelines.labels import segment_label
 from pipelines.sources import file_id_for
+from salmonn.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,11 @@ def vtt_time(seconds: float) -> str:
 
 
 def cue_text(text: str) -> str:
-    """Text safe inside a cue: no blank lines (they end a cue), no '-->' (it starts a timing)."""
-    lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.replace("\r", "").split("\n")]
+    """Text safe inside a cue: no control characters (a NUL ends ffmpeg's parse of the file; tables
+    written before the engines cleaned their answers may hold them), no blank lines (they end a
+    cue), no '-->' (it starts a timing)."""
+    text, _ = clean_text(text)
+    lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.split("\n")]
     return "\n".join(ln for ln in lines if ln).replace("-->", "\u2192")
 
 
@@ -140,7 +144,8 @@ def to_jsonl(segments: Sequence[Segment], recording_id: str) -> str:
 
 
 def to_txt(segments: Sequence[Segment]) -> str:
-    return "".join(" ".join((s.text or "").split()) + "\n" for s in segments if (s.text or "").strip())
+    lines = (" ".join(clean_text(s.text or "")[0].split()) for s in segments)
+    return "".join(line + "\n" for line in lines if line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, 
     for uri in sorted(by_uri):
         segs = by_uri[uri]
         if fmt in ("srt", "vtt"):
-            kept = [s for s in segs if s.text and s.text.strip()]
+            kept = [s for s in segs if s.text and cue_text(s.text)]   # a cue needs text to show
             skipped += len(segs) - len(kept)
             segs = kept
         if not segs:
