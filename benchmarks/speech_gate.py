@@ -4,9 +4,9 @@ SALMONN's transcribe and emotion answers mean nothing where nobody speaks, and e
 generation. With ``--speech-gate on`` the decode actors run silero-vad on every window
 (``pipelines.vad``) and the predictor skips speech tasks on windows whose speech ratio is below
 the threshold (rows with ``finish_reason = "no_speech"``) and every task on digitally silent
-windows (``"silence"``). This builds two archives of real voices (espeak-ng, several voices and
-rates) and real non-speech (``pipelines.synth`` music, noise, tones, silence), encoded like the
-real thing:
+windows (``"silence"``). This builds two archives of real voices (espeak-ng clips committed as
+fixtures, ``pipelines.voices``: several voices and rates) and real non-speech
+(``pipelines.synth`` music, noise, tones, silence), encoded like the real thing:
 
 * **podcast**: episodes with a music intro and outro, talk with pauses, ads over music beds,
   music interludes and long pauses (mp3, 44.1 kHz stereo);
@@ -138,8 +138,8 @@ def video_clip(seconds: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
             s = min(left, rng.uniform(5, 12))
             tr.add(synth.tone_bursts(rng.uniform(300, 2000), s, SR, burst_s=0.3, gap_s=0.7)[0] * 0.5)
         else:                                                           # a line of dialogue
-            line = voices.espeak(voices.SENTENCES[int(rng.integers(len(voices.SENTENCES)))],
-                                 voices.VOICES[int(rng.integers(len(voices.VOICES)))], 170)
+            line = voices.clip(int(rng.integers(len(voices.SENTENCES))),
+                               voices.VOICES[int(rng.integers(len(voices.VOICES)))])
             amb = synth.noise(line.size / SR + 1.0, SR, 1, 0.01, "pink", seed=seed + k)[0]
             voiced = np.zeros(amb.size, bool)
             voiced[SR // 2:SR // 2 + line.size] = np.abs(line) > 0
@@ -211,39 +211,36 @@ def calibrate() -> None:
                              .astype(np.float32)],
         "synth.speech_like (not a voice)": [synth.speech_like(30, SR, seed=s)[0] for s in range(8)],
     }
-    if voices.have_alsa_voice():
-        classes["noise (white/pink, -40..-2 dBFS)"].append(
-            fit(voices.read_wav(os.path.join(voices.ALSA_SOUNDS, "Noise.wav"))))
-        one, four = [], []
-        for name in voices.alsa_voices():
-            a = voices.alsa_voice(name)
-            y = np.zeros(n, np.float32)
-            y[SR:SR + a.size] = a
-            one.append(y)
-            y4 = np.zeros(n, np.float32)
-            for k in range(4):
-                y4[k * 7 * SR:k * 7 * SR + a.size] = a
-            four.append(y4)
-        classes["ALSA voice, 1 announcement (~1.4 s)"] = one
-        classes["ALSA voice, 4 announcements"] = four
-    if voices.have_espeak():
-        talk = []
-        for s in range(12):
-            x, _ = voices.talk(30, seed=s)
-            talk.append(x)
-        classes["espeak talk (6 voices, 120-260 wpm)"] = talk
-        classes["espeak talk + music bed / noise"] = [
-            t + 0.25 * fit(_music(30, i)) if i % 2 else t + synth.noise(30, SR, 1, 0.1, "pink", seed=i)[0]
-            for i, t in enumerate(talk[:8])]
-        classes["espeak talk at -30 dB"] = [0.03 * t for t in talk[:4]]
-        for frac in (0.1, 0.2):
-            part = []
-            for s in range(6):
-                x, _ = voices.talk(30 * frac, seed=200 + s)
-                y = 0.3 * fit(_music(30, s)) if s % 2 else np.zeros(n, np.float32)
-                y[s * SR:s * SR + x.size] += x
-                part.append(y)
-            classes[f"{int(frac * 100)}% espeak talk in music/silence"] = part
+    classes["noise (white/pink, -40..-2 dBFS)"].append(voices.pink_noise(30, seed=0))   # Voss-McCartney
+    one, four = [], []
+    for name in voices.announcements():
+        a = voices.announcement(name)
+        y = np.zeros(n, np.float32)
+        y[SR:SR + a.size] = a
+        one.append(y)
+        y4 = np.zeros(n, np.float32)
+        for k in range(4):
+            y4[k * 7 * SR:k * 7 * SR + a.size] = a
+        four.append(y4)
+    classes["voice, 1 announcement (~1.4 s)"] = one
+    classes["voice, 4 announcements"] = four
+    talk = []
+    for s in range(12):
+        x, _ = voices.talk(30, seed=s)
+        talk.append(x)
+    classes["espeak talk (6 voices, 120-260 wpm)"] = talk
+    classes["espeak talk + music bed / noise"] = [
+        t + 0.25 * fit(_music(30, i)) if i % 2 else t + synth.noise(30, SR, 1, 0.1, "pink", seed=i)[0]
+        for i, t in enumerate(talk[:8])]
+    classes["espeak talk at -30 dB"] = [0.03 * t for t in talk[:4]]
+    for frac in (0.1, 0.2):
+        part = []
+        for s in range(6):
+            x, _ = voices.talk(30 * frac, seed=200 + s)
+            y = 0.3 * fit(_music(30, s)) if s % 2 else np.zeros(n, np.float32)
+            y[s * SR:s * SR + x.size] += x
+            part.append(y)
+        classes[f"{int(frac * 100)}% espeak talk in music/silence"] = part
     print(f"speech ratio of 30 s windows (silero-vad, frame threshold 0.5), default gate threshold "
           f"{DEFAULT_SPEECH_THRESHOLD}:")
     print(f"{'signal':40} {'n':>3} {'min':>6} {'median':>7} {'max':>6} {'>= thr':>7} {'max frame p':>11}")
@@ -464,10 +461,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from pipelines import voices
-
-    if not voices.have_espeak():
-        sys.exit("speech_gate: needs espeak-ng (apt-get install espeak-ng)")
     if args.calibrate:
         calibrate()
         return
@@ -572,4 +565,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines import lifecycle
+
+    lifecycle.main(main)   # exit code = main's; native libraries closed in order first

@@ -53,9 +53,10 @@ MAX_FRAMES_PER_CALL = 2048          # ~65 s of audio per onnxruntime call; the L
 STATE = 128                         # LSTM width
 
 # The speech gate's default: a window is "speech" when at least 2% of it (0.6 s of 30 s) lies in
-# speech segments. Measured (benchmarks/speech_gate.py --calibrate): tones, white/pink noise, ALSA's
-# Noise.wav, music-like signals and silence give 0.000 (no frame reaches 0.35); one 1.4 s ALSA
-# voice announcement in 30 s gives 0.035-0.044; windows with >= 20% espeak speech give >= 0.13.
+# speech segments. Measured (benchmarks/speech_gate.py --calibrate): tones, white/pink noise,
+# music-like signals and silence give 0.000 (no frame reaches 0.35); one 1.3-1.5 s spoken
+# announcement in 30 s gives 0.039-0.048 (ALSA's recorded 1.4 s voice gave 0.035-0.044); windows
+# with >= 20% espeak speech give >= 0.15.
 DEFAULT_SPEECH_THRESHOLD = 0.02
 
 # What the config hash records about the detector: a change here changes which windows are gated.

@@ -1,13 +1,12 @@
 """The speech gate end to end: real voices and real non-speech through the real VAD weights, the
 decode stage, the predictor (tiny model), the CLI, the config hash and a pipeline run on local Ray.
 
-espeak-ng / alsa-utils are installed by .ci/run; without them the tests skip (CI: fail).
+The voices are espeak-ng clips committed as fixtures (``pipelines.voices``): no system package.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +30,6 @@ SR = 16_000
 WINDOW_S = 10.0
 GENERATED = (FINISH_STOP, FINISH_LENGTH)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _require_voices() -> None:
-    missing = [name for name, ok in (("espeak-ng", voices.have_espeak()),
-                                     ("the ALSA test voice (alsa-utils)", voices.have_alsa_voice())) if not ok]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{', '.join(missing)} missing on CI (.ci/run installs them)")
-        pytest.skip(f"{', '.join(missing)} not installed")
 
 
 def _fit(x: np.ndarray, seconds: float) -> np.ndarray:
@@ -68,18 +58,17 @@ def make_archive(d: Path) -> dict[str, np.ndarray]:
     put("noise.wav", "wav", synth.noise(12, SR, 1, 0.2, "pink", seed=5)[0])
     put("tone.ogg", "wav", synth.tone(440, 8, SR)[0])
     put("silence.wav", "wav", np.zeros(12 * SR, np.float32))
-    alsa = voices.alsa_voice("Front_Center")                                    # 1.4 s of a recorded voice
+    said = voices.announcement("Front_Center")                                  # 1.5 s of one voice
     x = synth.noise(10, SR, 1, 0.003, "pink", seed=6)[0]
-    x[2 * SR:2 * SR + alsa.size] += alsa
+    x[2 * SR:2 * SR + said.size] += said
     v = np.zeros(x.size, bool)
-    v[2 * SR:2 * SR + alsa.size] = True
-    put("alsa.wav", "wav", x, v)
+    v[2 * SR:2 * SR + said.size] = True
+    put("announcement.wav", "wav", x, v)
     return truth
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
-    _require_voices()
     d = tmp_path_factory.mktemp("speech-archive")
     return d, make_archive(d)
 
@@ -199,7 +188,7 @@ def test_gate_off_rows_are_what_the_model_says(archive, window_rows):
     import torch
 
     rows = [r for r in window_rows if r["kind"] == st.KIND_WINDOW and
-            r["uri"].rsplit("/", 1)[-1] in ("music.m4a", "silence.wav", "alsa.wav")]
+            r["uri"].rsplit("/", 1)[-1] in ("music.m4a", "silence.wav", "announcement.wav")]
     tasks = TASKS[:3]
     p = SalmonnPredictor("tiny", tasks)
     out = [r for r in p(st.build(rows, st.WINDOWS, "test")).to_pylist() if r["kind"] == st.KIND_SEGMENT]
@@ -298,7 +287,7 @@ def test_pipeline_run_gate_on_and_off(archive, ray_local, tmp_path):
         assert reasons[(name, "transcribe")] == reasons[(name, "emotion")] == {FINISH_NO_SPEECH}, name
         assert reasons[(name, "caption")] <= set(GENERATED), name
     assert all(reasons[("silence.wav", t.name)] == {FINISH_SILENCE} for t in tasks)
-    assert reasons[("alsa.wav", "transcribe")] <= set(GENERATED)
+    assert reasons[("announcement.wav", "transcribe")] <= set(GENERATED)
     for name, voiced in truth.items():
         speech_s = files_on[name]["speech_s"]
         assert speech_s is not None and abs(speech_s - voiced.sum() / SR) < 0.15 * voiced.size / SR + 0.6, (
@@ -333,7 +322,6 @@ def test_pipeline_run_gate_on_and_off(archive, ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_speech_gate_benchmark_smoke(tmp_path):
-    _require_voices()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speech_gate.py"), "--smoke",
                            "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

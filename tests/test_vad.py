@@ -1,8 +1,6 @@
-"""pipelines.vad: silero-vad's packaged weights on real speech (espeak-ng voices, ALSA's recorded
-test voice) and real non-speech (tones, noise, music-like signals, silence).
-
-espeak-ng and alsa-utils are Debian packages that .ci/run installs; without them (a developer
-machine) the speech tests skip, except under CI, where a missing voice is a failure.
+"""pipelines.vad: silero-vad's packaged weights on real speech (espeak-ng voices and speaker-test
+style announcements, committed as fixtures: ``pipelines.voices``) and real non-speech (tones,
+noise, music-like signals, silence).
 """
 
 from __future__ import annotations
@@ -20,21 +18,9 @@ WINDOW = 30 * SR
 THRESHOLD = V.DEFAULT_SPEECH_THRESHOLD
 
 
-def _require(ok: bool, what: str) -> None:
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"{what} is missing on CI (.ci/run installs it)")
-        pytest.skip(f"{what} is not installed")
-
-
 @pytest.fixture(scope="module")
 def detector() -> V.SpeechDetector:
     return V.SpeechDetector()
-
-
-@pytest.fixture(scope="module")
-def espeak_ok() -> None:
-    _require(voices.have_espeak(), "espeak-ng")
 
 
 def _fit(x: np.ndarray, n: int = WINDOW) -> np.ndarray:
@@ -55,8 +41,7 @@ def non_speech_windows() -> dict[str, np.ndarray]:
     out["music + noise"] = _fit(synth.music_like(30, SR, 1, seed=4)) + synth.noise(30, SR, 1, 0.05, "pink")[0]
     out["digital silence"] = np.zeros(WINDOW, dtype=np.float32)
     out["dither"] = (np.random.default_rng(0).standard_normal(WINDOW) * 1e-4).astype(np.float32)
-    if voices.have_alsa_voice():
-        out["ALSA Noise.wav"] = _fit(voices.read_wav(os.path.join(voices.ALSA_SOUNDS, "Noise.wav")))
+    out["pink noise (Voss-McCartney)"] = voices.pink_noise(30, seed=0)
     return out
 
 
@@ -81,7 +66,7 @@ def test_model_input_frames_carry_the_previous_context():
     assert not blocks[2, V.CONTEXT + 100:].any()                # the last frame is zero-padded
 
 
-def test_onnx_sequence_model_matches_the_torchscript_model(espeak_ok):
+def test_onnx_sequence_model_matches_the_torchscript_model():
     """The default runtime (one onnxruntime call per window) and the reference TorchScript model
     (batched over windows, one call per frame) give the same probabilities, windows of any length."""
     speech, _ = voices.talk(12, seed=5)
@@ -132,19 +117,22 @@ def test_longest_pause_prefers_the_longest_then_the_latest():
 # --- real speech and real non-speech ----------------------------------------------------------
 
 @pytest.mark.parametrize("voice", voices.VOICES)
-def test_espeak_voices_at_every_rate_are_speech(detector, espeak_ok, voice):
+def test_espeak_voices_at_every_rate_are_speech(detector, voice):
+    """Each voice's sentences at each rate, one after the other (espeak-ng's silences between)."""
     for wpm in voices.RATES:
-        x = voices.espeak(" ".join(voices.SENTENCES[:2]), voice, wpm)
+        sentences = [s for s, _, _ in voices.clips(voice=voice, rate=wpm)]
+        assert len(sentences) >= 2, (voice, wpm)
+        x = np.concatenate([voices.clip(s, voice) for s in sentences])
         ratio = detector.speech_ratio(x)
         assert ratio >= 0.6, (voice, wpm, ratio)
 
 
-def test_alsa_recorded_voice_is_speech(detector):
-    _require(voices.have_alsa_voice(), "the ALSA test voice (alsa-utils)")
-    for name in voices.alsa_voices():
-        a = voices.alsa_voice(name)
+def test_announcements_are_speech(detector):
+    assert len(voices.announcements()) == 8
+    for name in voices.announcements():
+        a = voices.announcement(name)
         one = np.zeros(WINDOW, dtype=np.float32)
-        one[3 * SR:3 * SR + a.size] = a              # one 1.4 s announcement in 30 s of silence
+        one[3 * SR:3 * SR + a.size] = a              # one 1.2-1.6 s announcement in 30 s of silence
         seconds = detector.speech_ratio(one) * 30
         assert seconds >= 0.7, (name, seconds)
         assert detector.speech_ratio(one) >= THRESHOLD, name
@@ -156,7 +144,7 @@ def test_non_speech_has_no_speech(detector):
     assert max(ratios.values()) == 0.0, ratios
 
 
-def test_recall_on_windows_with_at_least_20_percent_speech(detector, espeak_ok):
+def test_recall_on_windows_with_at_least_20_percent_speech(detector):
     """Acceptance: windows whose voiced share is >= 20% keep their speech tasks (ratio >=
     the default threshold) in >= 98% of cases, over music beds, noise and silence."""
     rng = np.random.default_rng(7)
@@ -183,7 +171,7 @@ def test_recall_on_windows_with_at_least_20_percent_speech(detector, espeak_ok):
     assert recall >= 0.98, (recall, len(kept))
 
 
-def test_pause_cutter_cuts_inside_a_pause(detector, espeak_ok):
+def test_pause_cutter_cuts_inside_a_pause(detector):
     """A window cut by PauseCutter ends in silence between sentences, never inside one; talk
     without pauses (or music) keeps the default cut."""
     cutter = V.PauseCutter(detector)
