@@ -340,4 +340,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines import lifecycle
+
+    lifecycle.main(main)   # exit code = main's; native libraries closed in order first

@@ -167,4 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipelines import lifecycle
+
+    lifecycle.main(main)   # exit code = main's; native libraries closed in order first

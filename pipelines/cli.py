@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from pipelines import lifecycle
 from pipelines.cli_args import add_run_args, build_tasks, config_from_args, parse_kv, parse_value
 from pipelines.config import ConfigError, PipelineConfig, check_output
 from pipelines.ops.commands import add_subcommands
@@ -35,6 +36,7 @@ TINY_WARNING = (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import Interrupted
     from pipelines.run import RunFailed, one_line, run_pipeline
 
     cfg = config_from_args(args)
@@ -43,6 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(TINY_WARNING, file=sys.stderr)
     try:
         summary = run_pipeline(cfg)
+    except Interrupted as e:   # SIGTERM / SIGINT: complete files committed, the run record says interrupted
+        print(f"{PROG}: {e}: the files completed so far are committed; run the same command again to "
+              f"resume", file=sys.stderr)
+        return e.exit_code
     except FileNotFoundError as e:  # the input location itself (a typo, or an empty prefix)
         print(f"{PROG}: error: input not found: {e}", file=sys.stderr)
         return 2
@@ -79,8 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(run records: {out}/_runs/)")
     print("Read the latest result per file, e.g. with DuckDB (both tables are Delta Lake tables):")
     segments = os.path.join(out, "segments")
-    query = (f"import duckdb, deltalake; segs = deltalake.DeltaTable({segments!r}).to_pyarrow_dataset(); "
-             "duckdb.sql('SELECT uri, task, start_s, text FROM segs ORDER BY uri, start_s, task').show()")
+    query = (f"import duckdb, deltalake; segs = deltalake.QueryBuilder().register('segs', deltalake.DeltaTable("
+             f"{segments!r})).execute('SELECT uri, task, start_s, text FROM segs').read_all(); "
+             "duckdb.sql('SELECT * FROM segs ORDER BY uri, start_s, task').show()")
     print(f"  {shlex.quote(sys.executable)} -c {shlex.quote(query)}")
     print("or in Python:")
     print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: its return value is the process's exit code (``pipelines.lifecycle``
+    ends it in order, so a command that did its work exits 0, never 134 at teardown)."""
+    return lifecycle.finish(_dispatch(argv))
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -150,9 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, lifecycle.Interrupted) as e:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return e.exit_code if isinstance(e, lifecycle.Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -200,6 +200,40 @@ class CommitRecord:
         return cls(**d)
 
 
+def scan(dt_: DeltaTable, local_root: str | None, *, columns: Sequence[str] | None = None,
+         filter: pc.Expression | None = None) -> pa.Table:
+    """Read a Delta table's rows (``columns`` present in the table, rows matching ``filter``) so
+    that no Arrow thread is left holding a Python object when the scan returns.
+
+    ``DeltaTable.to_pyarrow_dataset()`` reads through delta-rs' Python file handler
+    (``PyFileSystem(DeltaStorageHandler)``) with Parquet pre-buffering on: the scan issues
+    coalesced reads ahead on Arrow's I/O threads, and reads nobody waits for complete after
+    ``to_table`` has returned. The buffer such a read fills is a Python object; when the last one
+    is released on the I/O thread after the interpreter started finalising, that thread cannot take
+    the GIL, Python ends it with ``pthread_exit``, the unwind crosses a ``noexcept`` C++
+    destructor and the process aborts ("terminate called without an active exception", exit 134)
+    after its work was done. Seen in ``gdb`` (``arrow::py::PyBuffer::~PyBuffer`` <-
+    ``ReadRangeCache::LazyImpl::~LazyImpl`` on an Arrow I/O thread while the main thread ran
+    ``Py_FinalizeEx``), 13 of 40 runs of ``benchmarks/commit_scale.py --smoke`` beside a CPU hog.
+
+    So a local table (``local_root``: its directory) is read with Arrow's own local file system,
+    whose reads hold no Python object; any other store through delta-rs' handler with
+    pre-buffering off, so every read belongs to the scan and is over when it returns.
+    """
+    from pyarrow import fs as pa_fs
+    from pyarrow.dataset import ParquetFragmentScanOptions
+
+    if local_root is not None:
+        ds = dt_.to_pyarrow_dataset(filesystem=pa_fs.SubTreeFileSystem(local_root, pa_fs.LocalFileSystem()))
+        options = None
+    else:
+        ds = dt_.to_pyarrow_dataset()
+        options = ParquetFragmentScanOptions(pre_buffer=False)
+    have = set(ds.schema.names)
+    cols = [c for c in columns if c in have] if columns is not None else None
+    return ds.to_table(columns=cols, filter=filter, fragment_scan_options=options)
+
+
 # ---------------------------------------------------------------------------------------------
 # The output location
 # ---------------------------------------------------------------------------------------------
@@ -325,15 +359,13 @@ class OutputStore:
         dt_ = self.table(name, version)
         if dt_ is None:
             return sub.empty_table()
-        ds = dt_.to_pyarrow_dataset()
         expr = None
         if run_id is not None:
             expr = pc.field("run_id") == run_id
         if file_ids is not None:
             ids = pc.field("file_id").isin(pa.array(sorted(set(file_ids)), pa.string()))
             expr = ids if expr is None else expr & ids
-        have = set(ds.schema.names)
-        table = ds.to_table(columns=[c for c in want if c in have], filter=expr)
+        table = scan(dt_, self.path(name) if self.is_local else None, columns=want, filter=expr)
         return schemas.conform(table, sub)
 
     def read_run_rows(self, name: str, run_id: str) -> pa.Table:
@@ -533,7 +565,7 @@ class OutputStore:
 
     @staticmethod
     def _lease(dt_: DeltaTable) -> dict[str, Any] | None:
-        rows = [r for r in dt_.to_pyarrow_table().to_pylist() if r["name"] == LEASE_NAME]
+        rows = [r for r in scan(dt_, None).to_pylist() if r["name"] == LEASE_NAME]
         return rows[0] if rows else None
 
     # -- the earlier layout (read by migrate) -----------------------------------------------
@@ -869,7 +901,7 @@ def _read_legacy_part(store: OutputStore, rel: str) -> pa.Table:
     for candidate in (rel, posixpath.join(LEGACY_DIR, rel)):
         try:
             with store.fs.open(store.path(candidate), "rb") as f:
-                return pq.read_table(f)
+                return pq.read_table(f, pre_buffer=False)   # see scan()
         except FileNotFoundError:
             continue
     raise FileNotFoundError(f"{store.uri(rel)}: a part its commit record lists is missing")

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pipelines
 import schemas
 from pipelines import commit as cm
-from pipelines import faults, stage_times, storage
+from pipelines import faults, lifecycle, stage_times, storage
 from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
 from pipelines.labels import segment_label
 from pipelines.sources import FileRef, list_inputs
@@ -323,13 +323,14 @@ class CommitBuffer:
             faults.maybe_crash("commit", d.info.uri)
         files, segs, entries = build_tables(list(self.buffer.values()), self.refs, run_id=self.run_id,
                                             model_id=self.model_id, chash=self.chash)
-        self.committer.commit(files, segs, entries)
-        self.last_commit_end = time.monotonic()
-        self.last_commit_s = self.last_commit_end - t0
-        self.commit_s += self.last_commit_s
-        self.committed_ids.update(self.buffer)
-        self.progress.add(files)
-        self.buffer = {}
+        with lifecycle.critical():   # a stop signal waits until both tables have the commit
+            self.committer.commit(files, segs, entries)
+            self.last_commit_end = time.monotonic()
+            self.last_commit_s = self.last_commit_end - t0
+            self.commit_s += self.last_commit_s
+            self.committed_ids.update(self.buffer)
+            self.progress.add(files)
+            self.buffer = {}
 
     def add_failed(self, failed: Sequence[FailedFile]) -> None:
         """Files whose result rows the driver could not use: a ``pipeline_error`` row each."""
@@ -647,10 +648,13 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     status = cm.RUN_FAILED
     error: str | None = None
     resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
+    stop = lifecycle.StopSignals()
     try:
+        stop.__enter__()   # SIGTERM / SIGINT -> Interrupted (restored in the finally below)
         if todo:
             t_init = time.monotonic()
             with ray_session(cfg):
+                stop.install()   # ray.init replaced the SIGTERM handler with its own
                 phases["ray_init"] = time.monotonic() - t_init
                 t_phase = time.monotonic()
                 pending = todo
@@ -674,8 +678,15 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         committer.finish()   # compaction and checkpoints of the tables this run wrote to
         phases["finish"] = time.monotonic() - t_phase
         status = cm.RUN_COMPLETED
-    except KeyboardInterrupt:
+    except (lifecycle.Interrupted, KeyboardInterrupt) as e:
+        # Stopped by a signal (a pod eviction, `ray job stop`, Ctrl-C): the graph is shut down
+        # (Ray too, when this run started it); the files already complete are committed, the rest
+        # are redone when the same command resumes the run.
         status = RUN_INTERRUPTED
+        error = str(e) if isinstance(e, lifecycle.Interrupted) else "interrupted (KeyboardInterrupt)"
+        _try(buffer.flush)
+        log.warning("run %s %s: %d files committed; the same command resumes it", run_id, error,
+                    len(buffer.committed_ids))
         raise
     except Exception as e:
         # A failure of the run itself (output not writable, cluster gone, a bug): the run record
@@ -708,5 +719,6 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                                           finished_at=cm.utcnow().isoformat(), counts=counts,
                                           resources=resources, error=error, **{stage_times.RECORD_KEY: times},
                                           n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
+        stop.__exit__(None, None, None)   # the previous handlers, once the record says how the run ended
     return RunSummary(run_id=run_id, out=cfg.out, resumed=resumed_rec is not None,
                       n_commits=committer.n_commits, status=status, **totals)

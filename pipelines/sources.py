@@ -309,7 +309,9 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["uri"])
+            # no pre-buffering: reads ahead on Arrow's I/O threads would outlive this call holding
+            # Python buffers (see pipelines.commit.scan)
+            table = pq.read_table(f, columns=["uri"], pre_buffer=False)
         values = table.column("uri").to_pylist()
     else:
         with fs.open(path, "rb") as f:

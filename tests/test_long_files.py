@@ -11,6 +11,7 @@ driver killed during the two-hour file resumes to exactly-once output.
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from pipelines import commit as cm
 from pipelines.cli import main as cli_main
 from pipelines.synth import noise, silence, speech_like, tone, write_audio
-from tests.driver_kill import CLI, kill_driver_when
+from tests.driver_kill import CLI, kill_driver_when, signal_driver_when
 
 pytestmark = pytest.mark.slow
 
@@ -74,12 +75,17 @@ def archive(tmp_path_factory) -> tuple[Path, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(archive, tmp_path_factory) -> dict:
-    """The archive through the CLI from a local folder with the default batch sizes."""
-    audio, durations = archive
+def reference_out(archive, tmp_path_factory) -> Path:
+    """The archive through the CLI from a local folder with the default batch sizes: its OUT."""
+    audio, _ = archive
     out = tmp_path_factory.mktemp("long-out") / "out"
     assert cli_main(["run", str(audio), "--out", str(out), *RUN_ARGS]) == 0
-    return check_tables(cm.OutputStore(str(out)), durations)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(archive, reference_out) -> dict:
+    return check_tables(cm.OutputStore(str(reference_out)), archive[1])
 
 
 def check_tables(store: cm.OutputStore, durations: dict[str, float]) -> dict:
@@ -181,3 +187,51 @@ def test_driver_killed_during_the_two_hour_file_resumes_exactly_once(archive, re
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == sorted([*durations, *BROKEN])
     got = check_tables(store, durations)
     assert comparable(got) == comparable(reference)
+
+
+def test_sigterm_during_the_two_hour_file_commits_what_is_complete_and_resumes(archive, reference, tmp_path):
+    """SIGTERM (a pod eviction, `ray job stop`) in the middle of the two-hour file: the driver exits
+    143 well inside Kubernetes' 30 s grace period, the run record says interrupted, the files that
+    were complete are committed, and the same command finishes the run with every row once."""
+    audio, durations = archive
+    out = tmp_path / "out"
+    cmd = [*CLI, "run", str(audio), "--out", str(out), *RUN_ARGS]
+    ended = signal_driver_when(cmd, lambda: (set(SHORT) | set(BROKEN)) <= _committed_names(out), timeout_s=600,
+                               what="the long files were in flight", after_s=3, sig=signal.SIGTERM, grace_s=30)
+    assert ended.returncode == 143, ended.stderr[-3000:]
+    assert ended.exit_s < 30
+    assert "interrupted by SIGTERM" in ended.stderr
+    assert "Aborted" not in ended.stderr and "terminate called" not in ended.stderr
+    store = cm.OutputStore(str(out))
+    (run_id,) = store.list_runs()
+    rec = store.read_run(run_id)
+    assert rec["status"] == "interrupted" and rec["error"] == "interrupted by SIGTERM"
+    committed = _committed_names(out)
+    assert (set(SHORT) | set(BROKEN)) <= committed and "two_hours.opus" not in committed
+    assert rec["counts"]["processed"] == len(committed)
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(resumed)" in done.stdout
+    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == cm.RUN_COMPLETED
+    got = check_tables(store, durations)
+    assert comparable(got) == comparable(reference)
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_every_exported_subtitle_of_the_hour_long_files_is_read_whole_by_ffmpeg(reference, reference_out, fmt,
+                                                                                tmp_path):
+    """A control character in one answer (a NUL ends FFmpeg's parse) must not cost the rest of a
+    film's subtitles: FFmpeg's demuxer reads as many cues as each file has rows with text."""
+    from pipelines.ops import export
+
+    with_text = {name.rsplit(".", 1)[0]: sum(1 for s in rows if s["text"] and export.cue_text(s["text"]))
+                 for name, (_, rows) in reference.items()}
+    assert with_text["two_hours"] > 100 and with_text["one_hour"] > 50
+    written = export.export(str(reference_out), fmt=fmt, task="transcribe", to=str(tmp_path))
+    assert len(written.files) == sum(1 for n in with_text.values() if n)
+    for path in written.files:
+        with av.open(path) as c:
+            cues = sum(1 for p in c.demux(c.streams.subtitles[0]) if p.size)
+        want = with_text[Path(path).name.rsplit(".", 1)[0]]
+        assert cues == want, f"{path}: FFmpeg read {cues} of {want} cues"
