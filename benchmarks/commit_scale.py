@@ -3,7 +3,7 @@
 A run that reprocesses files already in the tables (a new model, a changed config) replaces their
 rows. Delta rewrites every data file that holds any of them (copy-on-write), and file ids are
 hashes, so each commit rewrites most of the ``segments`` table however few files it carries. The
-driver therefore spaces its commits out (``pipelines.run.CommitBuffer``, ``COMMIT_SHARE``): after a
+driver therefore spaces its commits out (``pipelines.driver.CommitBuffer``, ``COMMIT_SHARE``): after a
 commit of C seconds the next waits 9 C, and carries every file completed meanwhile. The baseline
 is the same buffer without spacing (one commit every 32 files or 30 s, as before).
 
@@ -59,11 +59,13 @@ def build(out: str, n_files: int, rows: int, seed: int = 1) -> tuple[float, int,
     from deltalake import write_deltalake
 
     import schemas
-    from pipelines import commit as cm
+    from pipelines.output import CommittedFile, OutputStore, maintain
+    from pipelines.output.commit import with_ledger_columns
+    from pipelines.output.tables import WRITER_PROPERTIES, table_schema
     from pipelines.sources import file_id_for
 
     rng = np.random.default_rng(seed)
-    store = cm.OutputStore(out)
+    store = OutputStore(out)
     store.open_for_write("files")
     store.open_for_write("segments")
     t0 = time.perf_counter()
@@ -89,16 +91,16 @@ def build(out: str, n_files: int, rows: int, seed: int = 1) -> tuple[float, int,
             "n_output_tokens": pa.array(n_words.astype(np.int32) * 2), "finish_reason": pa.array(["stop"] * n),
             "run_id": pa.array([OLD_RUN] * n), "model_id": pa.array(["salmonn-13b"] * n),
             "label": pa.array([None] * n, pa.string()), "speech_ratio": pa.array(np.ones(n, np.float32)),
-        }).cast(cm._table_schema("segments"))
-        write_deltalake(store.table_uri("segments"), seg, mode="append", writer_properties=cm.WRITER_PROPERTIES)
+        }).cast(table_schema("segments"))
+        write_deltalake(store.table_uri("segments"), seg, mode="append", writer_properties=WRITER_PROPERTIES)
         files = pa.Table.from_pylist([{"file_id": f, "uri": u, "status": "ok", "run_id": OLD_RUN,
                                        "config_hash": OLD_HASH, "n_segments": rows // len(TASKS),
                                        "duration_s": rows // len(TASKS) * 30.0} for f, u in zip(ids, uris)],
                                      schema=schemas.FILES)
-        entries = [cm.CommittedFile(f, u, "v1", OLD_HASH, "ok", None, OLD_RUN, 0) for f, u in zip(ids, uris)]
-        files = cm._with_ledger_columns(files, entries).cast(cm._table_schema("files"))
-        write_deltalake(store.table_uri("files"), files, mode="append", writer_properties=cm.WRITER_PROPERTIES)
-    store.maintain()
+        entries = [CommittedFile(f, u, "v1", OLD_HASH, "ok", None, OLD_RUN, 0) for f, u in zip(ids, uris)]
+        files = with_ledger_columns(files, entries).cast(table_schema("files"))
+        write_deltalake(store.table_uri("files"), files, mode="append", writer_properties=WRITER_PROPERTIES)
+    maintain(store)
     seconds = time.perf_counter() - t0
     data = store.data_files("segments")
     return seconds, len(data), sum(os.path.getsize(p) for p in data)
@@ -123,15 +125,15 @@ def complete_file(i: int, rows: int):
 
 def reprocess(out: str, picks: list[int], rows: int, rate: float, ahead: int, spaced: bool, run_id: str) -> dict:
     """Feed ``picks`` through a CommitBuffer as a run's results arriving at ``rate`` files/s."""
-    from pipelines import commit as cm
-    from pipelines.run import COMMIT_SHARE, CommitBuffer, Progress
+    from pipelines.driver import COMMIT_SHARE, CommitBuffer, Progress
+    from pipelines.output import Committer, OutputStore
     from pipelines.sources import FileRef, file_id_for
 
     mtime = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
     refs = {file_id_for(uri_of(i)): FileRef(uri_of(i), 1000, "v2", mtime, file_id_for(uri_of(i))) for i in picks}
     results = [complete_file(i, rows) for i in picks]
-    store = cm.OutputStore(out)
-    buffer = CommitBuffer(cm.Committer(store, run_id), refs, Progress(len(picks), False), run_id=run_id,
+    store = OutputStore(out)
+    buffer = CommitBuffer(Committer(store, run_id), refs, Progress(len(picks), False), run_id=run_id,
                           model_id="salmonn-13b", chash="newconfig", flush_files=32, flush_seconds=30.0,
                           commit_share=COMMIT_SHARE if spaced else None)
     gap = 1.0 / rate
@@ -164,10 +166,10 @@ def check(out: str, picks: list[int], rows: int, run_id: str) -> None:
     """Each reprocessed file once in each table, with the new run's rows only."""
     import pyarrow.compute as pc
 
-    from pipelines import commit as cm
+    from pipelines.output import OutputStore
     from pipelines.sources import file_id_for
 
-    store = cm.OutputStore(out)
+    store = OutputStore(out)
     ids = [file_id_for(uri_of(i)) for i in picks]
     files = store.read_table("files", file_ids=ids, columns=["file_id", "run_id"])
     assert files.num_rows == len(ids) and set(files["run_id"].to_pylist()) == {run_id}, "files rows"
@@ -204,9 +206,9 @@ def main() -> None:
         out = args.dir / "work"
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(built, out)
-        from pipelines import commit as cm
+        from pipelines.output import OutputStore
 
-        data = cm.OutputStore(str(out)).data_files("segments")
+        data = OutputStore(str(out)).data_files("segments")
         run_id = f"20260601T00000{int(spaced)}Z-redo00"
         r = reprocess(str(out), picks, args.rows, args.rate, args.ahead, spaced, run_id)
         check(str(out), picks, args.rows, run_id)

@@ -4,9 +4,9 @@ A no-op nightly run starts by reading what is already done (the ledger) and comp
 listed file with it. This times exactly that step on an S3 server (moto, in its own process)
 for an output holding 100k files written in 50, 500 and 3,000 commits:
 
-* **Delta** (this layout): ``OutputStore.pending(refs, config_hash)``, as ``run_pipeline`` calls
-  it: a column scan of the ``files`` table joined with the listing in Arrow (``is_done`` for
-  every file). The tables are built with the real table settings and commit
+* **Delta** (this layout): ``pipelines.output.pending(store, refs, config_hash)``, as
+  ``run_pipeline`` calls it: a column scan of the ``files`` table joined with the listing in
+  Arrow (``is_done`` for every file). The tables are built with the real table settings and commit
   metadata, in runs of 100 commits each ending with the end-of-run compaction and checkpoint, as
   nightly runs leave them (blind appends stand in for the driver's predicate overwrites: every
   file is new, so the result is the same table; building is not what is measured). They are
@@ -47,7 +47,9 @@ import pyarrow as pa  # noqa: E402
 from deltalake import CommitProperties, Transaction, write_deltalake  # noqa: E402
 
 import schemas  # noqa: E402
-from pipelines import commit as cm  # noqa: E402
+from pipelines.output import CommittedFile, Committer, OutputStore, maintain, pending  # noqa: E402
+from pipelines.output.maintenance import TARGET_FILE_SIZE, maintain_table  # noqa: E402
+from pipelines.output.tables import WRITER_PROPERTIES, table_schema  # noqa: E402
 from pipelines.sources import FileRef, file_id_for  # noqa: E402
 
 # The last commit whose pipelines/commit.py is the earlier layout (parts + commit records).
@@ -98,10 +100,10 @@ def listed_refs(n_files: int, per_commit: int) -> list[FileRef]:
 def build_delta(local_out: str, n_commits: int, per_commit: int) -> float:
     """The files table of an OUT written by n_commits commits, in runs of COMMITS_PER_RUN."""
     t0 = time.perf_counter()
-    store = cm.OutputStore(local_out)
+    store = OutputStore(local_out)
     table = store.open_for_write("files")
     store.open_for_write("segments")
-    schema = cm._table_schema("files")
+    schema = table_schema("files")
     for start in range(0, n_commits, COMMITS_PER_RUN):
         run_id = (NOW + dt.timedelta(days=start // COMMITS_PER_RUN)).strftime("%Y%m%dT%H%M%SZ") + "-bench0"
         for seq, c in enumerate(range(start, min(n_commits, start + COMMITS_PER_RUN)), start=1):
@@ -115,9 +117,9 @@ def build_delta(local_out: str, n_commits: int, per_commit: int) -> float:
             props = CommitProperties(custom_metadata={"run_id": run_id, "seq": str(seq),
                                                       "file_ids": ",".join(data["file_id"].to_pylist())},
                                      app_transactions=[Transaction(run_id, seq)])
-            write_deltalake(table, data, mode="append", writer_properties=cm.WRITER_PROPERTIES, commit_properties=props)
-        cm._maintain_table(table, "files", vacuum_hours=None, target_size=cm.TARGET_FILE_SIZE)  # end of the run
-    store.maintain(vacuum_hours=0)
+            write_deltalake(table, data, mode="append", writer_properties=WRITER_PROPERTIES, commit_properties=props)
+        maintain_table(table, "files", vacuum_hours=None, target_size=TARGET_FILE_SIZE)  # end of the run
+    maintain(store, vacuum_hours=0)
     return time.perf_counter() - t0
 
 
@@ -157,13 +159,13 @@ def time_planning(todo, repeats: int) -> tuple[float, int]:
     return statistics.median(times), n
 
 
-def time_one_commit(store: cm.OutputStore) -> float:
+def time_one_commit(store: OutputStore) -> float:
     """Seconds of the driver's next commit (32 new files, both tables) through the real Committer."""
-    committer = cm.Committer(store, "20270101T000000Z-commit")
+    committer = Committer(store, "20270101T000000Z-commit")
     uris = [f"s3://archive/new/ep{i:03d}.mp3" for i in range(32)]
     files = pa.Table.from_pylist([{"file_id": file_id_for(u), "uri": u, "status": "ok", "run_id": committer.run_id,
                                    "config_hash": CONFIG_HASH} for u in uris], schema=schemas.FILES)
-    entries = [cm.CommittedFile(file_id_for(u), u, etag(u), CONFIG_HASH, "ok", None, committer.run_id, 0)
+    entries = [CommittedFile(file_id_for(u), u, etag(u), CONFIG_HASH, "ok", None, committer.run_id, 0)
                for u in uris]
     t0 = time.perf_counter()
     committer.commit(files, schemas.SEGMENTS.empty_table(), entries)
@@ -204,8 +206,8 @@ def main() -> None:
                 delta_out = f"s3://{BUCKET}/delta-{n_commits}"
                 upload(fs, f"{tmp}/c{n_commits}", delta_out)
                 refs = listed_refs(n_files, per_commit)
-                store = cm.OutputStore(delta_out, options)
-                delta_s, delta_todo = time_planning(lambda store=store, refs=refs: store.pending(refs, CONFIG_HASH),
+                store = OutputStore(delta_out, options)
+                delta_s, delta_todo = time_planning(lambda store=store, refs=refs: pending(store, refs, CONFIG_HASH),
                                                     args.repeats)
 
                 old_out = f"{BUCKET}/old-{n_commits}"

@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from pipelines import commit as cm
+from pipelines.output import CommittedFile, Committer, OutputStore, new_run_id
 from pipelines.run import PipelineConfig, config_hash_of, run_pipeline
 from pipelines.sources import list_inputs
+from schemas.vocabulary import RUN_COMPLETED
 
 
 def write_wav(path: Path, seconds: float = 0.5, sr: int = 16000) -> None:
@@ -41,17 +42,17 @@ def write_wav(path: Path, seconds: float = 0.5, sr: int = 16000) -> None:
 def commit_all(cfg: PipelineConfig, per_commit: int = 32) -> None:
     refs = list_inputs(cfg.input)
     chash = config_hash_of(cfg)
-    store = cm.OutputStore(cfg.out)
-    run_id = cm.new_run_id()
-    committer = cm.Committer(store, run_id)
+    store = OutputStore(cfg.out)
+    run_id = new_run_id()
+    committer = Committer(store, run_id)
     for i in range(0, len(refs), per_commit):
         chunk = refs[i:i + per_commit]
         files = pa.Table.from_pylist([{"file_id": r.file_id, "uri": r.uri, "status": "ok", "run_id": run_id,
                                        "n_segments": 1, "duration_s": 0.5, "config_hash": chash} for r in chunk],
                                      schema=schemas.FILES)
-        entries = [cm.CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run_id, 0) for r in chunk]
+        entries = [CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run_id, 0) for r in chunk]
         committer.commit(files, schemas.SEGMENTS.empty_table(), entries)
-    store.write_run({"run_id": run_id, "status": cm.RUN_COMPLETED, "config_hash": chash, "input": cfg.input})
+    store.write_run({"run_id": run_id, "status": RUN_COMPLETED, "config_hash": chash, "input": cfg.input})
 
 
 def main() -> None:

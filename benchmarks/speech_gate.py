@@ -361,8 +361,8 @@ def run_once(audio: Path, out: Path, gate: bool, batch_size: int) -> dict:
     import pyarrow.compute as pc
 
     import salmonn
-    from pipelines.commit import OutputStore
     from pipelines.config import PipelineConfig
+    from pipelines.output import OutputStore
     from pipelines.run import run_pipeline
 
     shutil.rmtree(out, ignore_errors=True)

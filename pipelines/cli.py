@@ -90,15 +90,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
              "duckdb.sql('SELECT * FROM segs ORDER BY uri, start_s, task').show()")
     print(f"  {shlex.quote(sys.executable)} -c {shlex.quote(query)}")
     print("or in Python:")
-    print(f"  from pipelines.commit import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
+    print(f"  from pipelines.output import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
     print(f"Status: salmonn-pipeline status {out}")
     print(TINY_WARNING)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.commit import OldLayoutError
     from pipelines.ops.status import status_text
+    from pipelines.output import OldLayoutError
 
     try:
         print(status_text(args.out, parse_kv(args.storage_option, "--storage-option")))

@@ -15,8 +15,8 @@ standard output and error and collects garbage while the native libraries are st
 Delta tables and Arrow datasets held in reference cycles are released by this thread, not during
 finalisation. The abort this guards against ("terminate called without an active exception",
 exit 134 after the work was done) had one cause, found with ``gdb``: an Arrow I/O thread
-releasing a Python-owned buffer after finalisation began (``pipelines.commit.scan`` explains it
-and reads Delta tables so that no such read outlives its scan).
+releasing a Python-owned buffer after finalisation began (``pipelines.output.tables.scan``
+explains it and reads Delta tables so that no such read outlives its scan).
 
 No Ray here; ``signal`` handlers are process-wide, so there is one active :class:`StopSignals`.
 """

@@ -4,7 +4,8 @@
         -> result rows streamed back to the driver -> ResultAssembler -> Committer
 
 Heavy data (audio) never passes through the driver; text results do, which keeps the commit
-simple and exactly-once (see ``pipelines.commit``).
+simple and exactly-once (see ``pipelines.output``). The driver's commit buffer and progress line
+are ``pipelines.driver``.
 
 Runs are incremental and resumable: files whose (uri, version, config hash) are committed are
 skipped; an unfinished run with the same config and input is continued by running the same
@@ -14,7 +15,6 @@ kills it again, becomes an error row (``worker_crash``) instead of failing the r
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -26,25 +26,16 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import pyarrow as pa
-
 import pipelines
 import schemas
-from pipelines import commit as cm
-from pipelines import faults, lifecycle, stage_times, storage
+from pipelines import lifecycle, stage_times, storage
 from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
-from pipelines.labels import segment_label
+from pipelines.driver import CommitBuffer, Progress, error_file
+from pipelines.output import RUNS_DIR, Committer, OutputStore, committed_seq, new_run_id, pending, redact, utcnow
 from pipelines.sources import FileRef, list_inputs
-from pipelines.stages import (
-    CompleteFile,
-    DecodeStage,
-    FailedFile,
-    ResultAssembler,
-    error_info,
-    refs_table,
-)
+from pipelines.stages import DecodeStage, ResultAssembler, refs_table
 from pipelines.watchdog import StallError, stall_timeout_s, watch_dataset
-from schemas.vocabulary import INFERENCE_ERROR, PIPELINE_ERROR, RUN_INTERRUPTED, WORKER_CRASH
+from schemas.vocabulary import PIPELINE_ERROR, RUN_COMPLETED, RUN_FAILED, RUN_INTERRUPTED, RUN_RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +76,7 @@ def _input_key(cfg: PipelineConfig) -> str:
     return cfg.input if isinstance(cfg.input, str) else "\n".join(cfg.input)
 
 
-def choose_run(store: cm.OutputStore, cfg: PipelineConfig, chash: str) -> tuple[str, dict | None]:
+def choose_run(store: OutputStore, cfg: PipelineConfig, chash: str) -> tuple[str, dict | None]:
     """The run id to use, and the record of the run being resumed (None for a new run)."""
     if cfg.resume_run_id:
         rec = store.read_run(cfg.resume_run_id)
@@ -97,11 +88,11 @@ def choose_run(store: cm.OutputStore, cfg: PipelineConfig, chash: str) -> tuple[
             rec = store.read_run(run_id)
             if rec is None:
                 continue
-            if rec.get("status") == cm.RUN_COMPLETED:
+            if rec.get("status") == RUN_COMPLETED:
                 break  # the newest run finished: start a new (incremental) run
             if rec.get("config_hash") == chash and rec.get("input") == _input_key(cfg):
                 return run_id, rec
-    return cm.new_run_id(), None
+    return new_run_id(), None
 
 
 def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **extra: Any) -> dict[str, Any]:
@@ -120,222 +111,11 @@ def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **ext
                    "needs_speech": t.needs_speech} for t in tasks],
         "decode": dataclasses.asdict(cfg.decode),
         "speech_gate": {"on": cfg.speech_gate, "threshold": cfg.speech_threshold, "cut_at_pauses": cfg.cut_at_pauses},
-        "storage_options": cm.redact(cfg.storage_options),
-        "out_storage_options": cm.redact(cfg.out_storage_options) if cfg.out_storage_options is not None else None,
+        "storage_options": redact(cfg.storage_options),
+        "out_storage_options": redact(cfg.out_storage_options) if cfg.out_storage_options is not None else None,
         "batch_size": cfg.batch_size,
         **extra,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables for one commit
-# ---------------------------------------------------------------------------------------------
-
-def speech_seconds(segments: Sequence[Mapping[str, Any]]) -> float | None:
-    """Seconds of speech in a file from its windows' speech ratios: each ratio applies to the part
-    of its window before the next window starts (windows overlap when hop < window). None when no
-    window has a ratio (the speech gate was off)."""
-    spans = {s["segment_index"]: (s["start_s"], s["end_s"], s["speech_ratio"])
-             for s in segments if s.get("speech_ratio") is not None}
-    if not spans:
-        return None
-    order = sorted(spans)
-    total = 0.0
-    for k, i in enumerate(order):
-        start, end, ratio = spans[i]
-        if k + 1 < len(order):
-            end = min(end, spans[order[k + 1]][0])
-        total += float(ratio) * max(0.0, end - start)
-    return total
-
-
-def file_status(done: CompleteFile) -> tuple[str, str | None, str | None]:
-    """(status, error_type, error_message) of a complete file, inference failures included."""
-    info = done.info
-    if not done.failed_windows:
-        return info.status, info.error_type, info.error_message
-    failed = sorted(done.failed_windows)
-    first_type, first = done.failed_windows[failed[0]]
-    msg = f"inference failed for segments {failed[:20]}{'...' if len(failed) > 20 else ''}: {first}"
-    status = schemas.STATUS_ERROR if len(failed) >= info.n_segments else schemas.STATUS_PARTIAL
-    types = {t for t, _ in done.failed_windows.values()}
-    return status, (WORKER_CRASH if types == {WORKER_CRASH} else INFERENCE_ERROR), msg
-
-
-def build_tables(done: Sequence[CompleteFile], refs: Mapping[str, FileRef], *, run_id: str, model_id: str,
-                 chash: str) -> tuple[pa.Table, pa.Table, list[cm.CommittedFile]]:
-    """The files and segments tables of one commit, and the ledger entries of its files.
-
-    Each file's rows are checked against the output schemas on their own: a file whose rows do
-    not fit (a bug upstream) becomes a ``pipeline_error`` row instead of failing the commit of
-    the files beside it.
-    """
-    now = cm.utcnow()
-    files_parts, seg_parts, entries = [], [], []
-    for d in done:
-        ref = refs[d.info.file_id]
-        try:
-            f, s, entry = _file_tables(d, ref, run_id=run_id, model_id=model_id, chash=chash, now=now)
-        except Exception as e:  # noqa: BLE001 - one file's bad rows never stop the commit
-            log.error("the results of %s do not fit the output schema: %s", ref.uri, e)
-            bad = error_file(ref, PIPELINE_ERROR, f"its results did not fit the output schema: "
-                                                  f"{type(e).__name__}: {e}"[:2000])
-            f, s, entry = _file_tables(bad, ref, run_id=run_id, model_id=model_id, chash=chash, now=now)
-        files_parts.append(f)
-        seg_parts.append(s)
-        entries.append(entry)
-    files = pa.concat_tables(files_parts) if files_parts else schemas.FILES.empty_table()
-    segs = pa.concat_tables(seg_parts) if seg_parts else schemas.SEGMENTS.empty_table()
-    return files, segs, entries
-
-
-def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, chash: str,
-                 now: Any) -> tuple[pa.Table, pa.Table, cm.CommittedFile]:
-    info = d.info
-    status, etype, emsg = file_status(d)
-    files = schemas.conform(pa.Table.from_pylist([{
-        "file_id": info.file_id, "uri": ref.uri, "size_bytes": ref.size_bytes, "etag": ref.etag,
-        "mtime": ref.mtime, "status": status, "error_type": etype, "error_message": emsg,
-        "container": info.container, "codec": info.codec, "sample_rate_in": info.sample_rate_in,
-        "channels_in": info.channels_in, "duration_s": info.duration_s, "n_segments": info.n_segments,
-        "run_id": run_id, "model_id": model_id, "config_hash": chash,
-        "pipeline_version": pipelines.__version__, "processed_at": now,
-        "speech_s": speech_seconds(d.segments), "audio_stream": info.audio_stream,
-    }], schema=schemas.FILES), schemas.FILES)
-    segs = schemas.conform(pa.Table.from_pylist(
-        [{**s, "run_id": run_id, "model_id": model_id, "label": segment_label(s["task"], s["text"])}
-         for s in d.segments], schema=schemas.SEGMENTS), schemas.SEGMENTS)
-    schemas.check_values("files", files)
-    schemas.check_values("segments", segs)
-    entry = cm.CommittedFile(file_id=info.file_id, uri=ref.uri, version=ref.version, config_hash=chash,
-                             status=status, error_type=etype, run_id=run_id, seq=0)
-    return files, segs, entry
-
-
-def error_file(ref: FileRef, error_type: str, message: str) -> CompleteFile:
-    return CompleteFile(error_info(ref, error_type, message), [], {})
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress and the commit buffer
-# ---------------------------------------------------------------------------------------------
-
-class Progress:
-    """The driver's own progress line: files done / total, audio hours, throughput, errors."""
-
-    def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
-        self.total, self.enabled, self.every_s = total, enabled, every_s
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.done = 0
-        self.audio_s = 0.0
-        self.status: collections.Counter[str] = collections.Counter()
-        self.error_types: collections.Counter[str] = collections.Counter()
-
-    def add(self, files: pa.Table) -> None:
-        for row in files.select(["status", "error_type", "duration_s"]).to_pylist():
-            self.done += 1
-            self.status[row["status"]] += 1
-            if row["error_type"]:
-                self.error_types[row["error_type"]] += 1
-            self.audio_s += row["duration_s"] or 0.0
-        self.tick()
-
-    def line(self) -> str:
-        wall = time.monotonic() - self.t0
-        rate = (self.audio_s / 3600) / (wall / 3600) if wall > 0 else 0.0
-        errs = self.status[schemas.STATUS_ERROR] + self.status[schemas.STATUS_PARTIAL]
-        return (f"[salmonn-pipeline] files {self.done}/{self.total} | audio {self.audio_s / 3600:.3f} h | "
-                f"{rate:.1f} audio-h/wall-h | errors {errs} | {wall:.0f} s")
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.enabled and (force or now - self.last >= self.every_s):
-            self.last = now
-            print(self.line(), file=sys.stderr, flush=True)
-
-
-# A driver commits for at most about this share of its wall time. A commit that replaces earlier
-# rows rewrites every data file holding any of them (Delta is copy-on-write here); file ids are
-# hashes, so when a run reprocesses files of a large table (a new model or config), each commit
-# touches most of its data files: 4.2 s per 32-file commit against an 18M-row segments table on
-# a local disk, where a commit of new files takes 0.08 s. Such commits are spaced out, and each
-# carries the files completed meanwhile, instead of rewriting the table every 32 files.
-COMMIT_SHARE = 0.1
-
-
-class CommitBuffer:
-    """Complete files waiting for the next commit; flushes by count or age, and no sooner than
-    the last commit's duration x (1 / ``commit_share`` - 1) after it ended (None: no spacing)."""
-
-    def __init__(self, committer: cm.Committer, refs: Mapping[str, FileRef], progress: Progress, *,
-                 run_id: str, model_id: str, chash: str, flush_files: int, flush_seconds: float,
-                 commit_share: float | None = COMMIT_SHARE):
-        self.committer, self.refs, self.progress = committer, refs, progress
-        self.run_id, self.model_id, self.chash = run_id, model_id, chash
-        self.flush_files, self.flush_seconds = flush_files, flush_seconds
-        self.commit_share = commit_share
-        self.buffer: dict[str, CompleteFile] = {}   # file_id -> the file, in completion order
-        self.last_flush = time.monotonic()
-        self.last_commit_s = 0.0     # how long the last commit took ...
-        self.last_commit_end = 0.0   # ... and when it ended (monotonic)
-        self.spaced = False          # commits are being spaced out (logged once)
-        self.committed_ids: set[str] = set()
-        self.commit_s = 0.0   # driver time spent writing parts and commit records
-
-    @property
-    def n_commits(self) -> int:
-        return self.committer.n_commits
-
-    def add(self, done: Sequence[CompleteFile]) -> None:
-        for d in done:
-            if d.info.file_id in self.committed_ids or d.info.file_id in self.buffer:
-                continue  # delivered again by a retried task
-            self.buffer[d.info.file_id] = d
-        if self.due():
-            self.flush()
-
-    def due(self) -> bool:
-        """Whether the buffered files should be committed now."""
-        if not self.buffer:
-            return False
-        now = time.monotonic()
-        if not (len(self.buffer) >= self.flush_files or now - self.last_flush >= self.flush_seconds):
-            return False
-        if self.commit_share:
-            wait = self.last_commit_s * (1 / self.commit_share - 1)
-            if now - self.last_commit_end < wait:
-                if not self.spaced:
-                    self.spaced = True
-                    log.warning("a commit took %.1f s (it rewrites the table's data files that hold earlier rows "
-                                "of the files it replaces): the next ones wait %.0f s after it, so committing "
-                                "stays under %.0f%% of the driver's time", self.last_commit_s, wait,
-                                100 * self.commit_share)
-                return False
-        return True
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.buffer:
-            return
-        t0 = time.monotonic()
-        for d in self.buffer.values():
-            faults.maybe_crash("commit", d.info.uri)
-        files, segs, entries = build_tables(list(self.buffer.values()), self.refs, run_id=self.run_id,
-                                            model_id=self.model_id, chash=self.chash)
-        with lifecycle.critical():   # a stop signal waits until both tables have the commit
-            self.committer.commit(files, segs, entries)
-            self.last_commit_end = time.monotonic()
-            self.last_commit_s = self.last_commit_end - t0
-            self.commit_s += self.last_commit_s
-            self.committed_ids.update(self.buffer)
-            self.progress.add(files)
-            self.buffer = {}
-
-    def add_failed(self, failed: Sequence[FailedFile]) -> None:
-        """Files whose result rows the driver could not use: a ``pipeline_error`` row each."""
-        self.add([error_file(self.refs[f.file_id], PIPELINE_ERROR, f.reason) for f in failed
-                  if f.file_id in self.refs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +397,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     check_output(cfg, out_so)   # --out is not a regular file; --resume names a run that exists
     in_so = storage.with_defaults(cfg.input, cfg.storage_options)
     cfg = dataclasses.replace(cfg, storage_options=in_so)
-    store = cm.OutputStore(cfg.out, out_so)
+    store = OutputStore(cfg.out, out_so)
     chash = config_hash_of(cfg)
     model_id = model_id_for(cfg.model)
 
@@ -627,25 +407,25 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     phases["list"] = time.monotonic() - t_phase
     t_phase = time.monotonic()
     run_id, resumed_rec = choose_run(store, cfg, chash)
-    started = resumed_rec["started_at"] if resumed_rec else cm.utcnow().isoformat()
+    started = resumed_rec["started_at"] if resumed_rec else utcnow().isoformat()
     resumes = list(resumed_rec.get("resumes", [])) if resumed_rec else []
     if resumed_rec is not None:
-        resumes.append(cm.utcnow().isoformat())
-        log.warning("resuming run %s (%d commits so far)", run_id, store.committed_seq(run_id))
+        resumes.append(utcnow().isoformat())
+        log.warning("resuming run %s (%d commits so far)", run_id, committed_seq(store, run_id))
 
-    todo = store.pending(refs, chash)   # cm.is_done for every file, against the files table
+    todo = pending(store, refs, chash)   # is_done for every file, against the files table
     skipped = len(refs) - len(todo)
     by_id = {r.file_id: r for r in refs}
-    store.write_run(_run_record(cfg, run_id, chash, cm.RUN_RUNNING, started_at=started, resumes=resumes,
+    store.write_run(_run_record(cfg, run_id, chash, RUN_RUNNING, started_at=started, resumes=resumes,
                                 n_inputs=len(refs), n_todo=len(todo), skipped=skipped))
-    committer = cm.Committer(store, run_id)
+    committer = Committer(store, run_id)
     committer.settle_in_flight(r.file_id for r in todo)
     phases["ledger"] = time.monotonic() - t_phase
     progress = Progress(len(todo), cfg.progress)
     buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
                           flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
     times: list[dict[str, Any]] = list(resumed_rec.get(stage_times.RECORD_KEY, [])) if resumed_rec else []
-    status = cm.RUN_FAILED
+    status = RUN_FAILED
     error: str | None = None
     resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
     stop = lifecycle.StopSignals()
@@ -657,16 +437,16 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                 stop.install()   # ray.init replaced the SIGTERM handler with its own
                 phases["ray_init"] = time.monotonic() - t_init
                 t_phase = time.monotonic()
-                pending = todo
+                pass_refs = todo
                 for pass_no in range(max(1, cfg.max_passes)):
-                    missing, pass_times, plan = run_pass(cfg, pending, tasks, buffer, isolate=pass_no > 0)
+                    missing, pass_times, plan = run_pass(cfg, pass_refs, tasks, buffer, isolate=pass_no > 0)
                     times.extend(pass_times)
                     resources = resources or dataclasses.asdict(plan)
                     if not missing:
                         break
                     log.warning("%d files did not complete in pass %d (a worker died); retrying them in isolation",
                                 len(missing), pass_no + 1)
-                    pending = [by_id[m] for m in missing]
+                    pass_refs = [by_id[m] for m in missing]
                 else:
                     buffer.add([error_file(by_id[m], PIPELINE_ERROR,
                                            "no result came back for this file in any pass (see the Ray "
@@ -677,7 +457,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         t_phase = time.monotonic()
         committer.finish()   # compaction and checkpoints of the tables this run wrote to
         phases["finish"] = time.monotonic() - t_phase
-        status = cm.RUN_COMPLETED
+        status = RUN_COMPLETED
     except (lifecycle.Interrupted, KeyboardInterrupt) as e:
         # Stopped by a signal (a pod eviction, `ray job stop`, Ctrl-C): the graph is shut down
         # (Ray too, when this run started it); the files already complete are committed, the rest
@@ -691,13 +471,13 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     except Exception as e:
         # A failure of the run itself (output not writable, cluster gone, a bug): the run record
         # says so in one line, the traceback goes next to it, and the caller gets RunFailed.
-        status = cm.RUN_FAILED
+        status = RUN_FAILED
         error = one_line(e)
         log.debug("run %s failed", run_id, exc_info=True)
         if isinstance(e, StallError):
             _try(buffer.flush)   # files that did complete before the stall are kept
 
-        _try(store.write_bytes, store.path(cm.RUNS_DIR, run_id, "error.txt"),
+        _try(store.write_bytes, store.path(RUNS_DIR, run_id, "error.txt"),
              "".join(traceback.format_exception(e)).encode())
         raise RunFailed(run_id, error) from e
     finally:
@@ -716,7 +496,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
                   "ray_init_s": round(phases.get("ray_init", 0.0), 3),
                   "phases_s": {k: round(v, 3) for k, v in phases.items()}}
         _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
-                                          finished_at=cm.utcnow().isoformat(), counts=counts,
+                                          finished_at=utcnow().isoformat(), counts=counts,
                                           resources=resources, error=error, **{stage_times.RECORD_KEY: times},
                                           n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
         stop.__exit__(None, None, None)   # the previous handlers, once the record says how the run ended

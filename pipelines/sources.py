@@ -310,7 +310,7 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 
         with fs.open(path, "rb") as f:
             # no pre-buffering: reads ahead on Arrow's I/O threads would outlive this call holding
-            # Python buffers (see pipelines.commit.scan)
+            # Python buffers (see pipelines.output.tables.scan)
             table = pq.read_table(f, columns=["uri"], pre_buffer=False)
         values = table.column("uri").to_pylist()
     else:

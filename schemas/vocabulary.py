@@ -1,9 +1,9 @@
 """The values the pipeline writes into enumerated columns and run records, each defined once.
 
 * :data:`ERRORS` -- every ``files.error_type``: which stage produces it, whether the next run tries
-  the file again (``retryable``), and what it means. ``pipelines.decode``, ``pipelines.commit`` and
-  the README's error table derive from it (a test checks the README against it). A new error type
-  is one more entry here.
+  the file again (``retryable``), and what it means. ``pipelines.decode``,
+  ``pipelines.output.ledger`` and the README's error table derive from it (a test checks the
+  README against it). A new error type is one more entry here.
 * run states (``_runs/<run_id>/run.json`` ``status``): :data:`RUN_STATES`.
 * file statuses, finish reasons and emotion labels: the values of ``files.status``,
   ``segments.finish_reason`` and ``segments.label``.
@@ -42,8 +42,8 @@ RUN_STATES = (RUN_RUNNING, RUN_COMPLETED, RUN_FAILED, RUN_INTERRUPTED)
 
 # --- files.error_type -----------------------------------------------------------------------
 DECODE = "decode"        # produced by the CPU decode stage (pipelines.decode)
-INFERENCE = "inference"  # produced around the SALMONN predictor (pipelines.stages / run)
-DRIVER = "driver"        # produced by the driver itself (pipelines.run)
+INFERENCE = "inference"  # produced around the SALMONN predictor (pipelines.stages / driver)
+DRIVER = "driver"        # produced by the driver itself (pipelines.run, pipelines.driver)
 
 # The error types the code names (the others are chosen in decode from this table).
 INFERENCE_ERROR = "inference_error"

@@ -25,8 +25,9 @@ import random
 import pyarrow as pa
 
 import schemas
-from pipelines import commit as cm
 from pipelines.labels import segment_label
+from pipelines.output import RUNS_DIR, CommittedFile, Committer, OutputStore
+from schemas.vocabulary import RUN_COMPLETED
 
 RUN1 = "20260101T020000Z-aaaaaa"
 RUN2 = "20260102T020000Z-bbbbbb"
@@ -127,8 +128,8 @@ def tables(run_id: str, files: dict[str, tuple], processed_at: dt.datetime, *, v
                     "n_output_tokens": len(text.split()) * 2 + rng.randint(0, 5), "finish_reason": "stop",
                     "run_id": run_id, "model_id": MODEL_ID, "label": segment_label(task, text),
                 })
-        entries.append(cm.CommittedFile(file_id=fid, uri=uri, version=version, config_hash=chash, status=status,
-                                        error_type=etype, run_id=run_id, seq=0))
+        entries.append(CommittedFile(file_id=fid, uri=uri, version=version, config_hash=chash, status=status,
+                                     error_type=etype, run_id=run_id, seq=0))
     return (pa.Table.from_pylist(frows, schema=schemas.FILES), pa.Table.from_pylist(srows, schema=schemas.SEGMENTS),
             entries)
 
@@ -142,7 +143,7 @@ def run_record(run_id: str, started: dt.datetime, finished: dt.datetime, files: 
             etypes[v[1]] = etypes.get(v[1], 0) + 1
     audio_h = sum(v[2] or 0 for v in files.values()) / 3600
     return {
-        "run_id": run_id, "status": cm.RUN_COMPLETED, "input": PREFIX, "out": "OUT", "model": "salmonn-13b",
+        "run_id": run_id, "status": RUN_COMPLETED, "input": PREFIX, "out": "OUT", "model": "salmonn-13b",
         "model_id": MODEL_ID, "config_hash": chash, "pipeline_version": "0.1.0",
         "schema_version": schemas.SCHEMA_VERSION,
         "tasks": [{"name": t, "prompt": f"prompt for {t}"} for t in TASKS],
@@ -154,28 +155,28 @@ def run_record(run_id: str, started: dt.datetime, finished: dt.datetime, files: 
     }
 
 
-def build_two_runs(out: str) -> cm.OutputStore:
+def build_two_runs(out: str) -> OutputStore:
     """The two runs described in the module docstring, under ``out``."""
-    store = cm.OutputStore(out)
+    store = OutputStore(out)
     items = list(RUN1_FILES.items())
     first, second = dict(items[:4]), dict(items[4:])
-    c1 = cm.Committer(store, RUN1)
+    c1 = Committer(store, RUN1)
     c1.commit(*tables(RUN1, first, T0 + dt.timedelta(minutes=2), seed=1))
     c1.commit(*tables(RUN1, second, T0 + dt.timedelta(minutes=5), seed=2))
     store.write_run(run_record(RUN1, T0, T0 + dt.timedelta(minutes=5, seconds=20), RUN1_FILES,
                                n_inputs=len(RUN1_FILES), skipped=0))
-    store.write_bytes(store.path(cm.RUNS_DIR, RUN1, "ray_stats-0.txt"), RAY_STATS.encode())
-    c2 = cm.Committer(store, RUN2)
+    store.write_bytes(store.path(RUNS_DIR, RUN1, "ray_stats-0.txt"), RAY_STATS.encode())
+    c2 = Committer(store, RUN2)
     c2.commit(*tables(RUN2, RUN2_FILES, T1 + dt.timedelta(minutes=1), version="v2", text_tag="v2 ", seed=3))
     store.write_run(run_record(RUN2, T1, T1 + dt.timedelta(minutes=1, seconds=10), RUN2_FILES,
                                n_inputs=len(RUN1_FILES), skipped=len(RUN1_FILES) - len(RUN2_FILES)))
     return store
 
 
-def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7) -> cm.OutputStore:
+def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7) -> OutputStore:
     """One larger run with varied durations, statuses and commit times (for the report's plots)."""
     rng = random.Random(seed)
-    store = cm.OutputStore(out)
+    store = OutputStore(out)
     run_id = "20260105T010000Z-cccccc"
     start = dt.datetime(2026, 1, 5, 1, 0, 0, tzinfo=dt.UTC)
     errors = ("invalid_data", "no_audio_stream", "too_long", "read_error", "empty_audio")
@@ -191,7 +192,7 @@ def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7
             files[f"show{i:03d}.mp3"] = ("ok", None, dur, "mp3", "mp3")
     items = list(files.items())
     per = math.ceil(len(items) / n_commits)
-    committer = cm.Committer(store, run_id)
+    committer = Committer(store, run_id)
     t = start
     for k in range(n_commits):
         chunk = dict(items[k * per:(k + 1) * per])
@@ -202,7 +203,7 @@ def build_big_run(out: str, n_files: int = 80, n_commits: int = 8, seed: int = 7
         committer.commit(*tables(run_id, chunk, t, seed=100 + k))
     store.write_run(run_record(run_id, start, t + dt.timedelta(seconds=30), files, n_inputs=n_files + 12,
                                skipped=12))
-    store.write_bytes(store.path(cm.RUNS_DIR, run_id, "ray_stats-0.txt"),
+    store.write_bytes(store.path(RUNS_DIR, run_id, "ray_stats-0.txt"),
                        RAY_STATS.replace("41.3s", "22.9min").replace("2.4min", "23.3min")
                        .replace("39.7s total", "31.0min total").replace("2.2min total", "22.8min total").encode())
     return store

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import commit as cm
 from pipelines import watchdog
 from pipelines.config import PipelineConfig
+from pipelines.output import OutputStore
 from pipelines.synth import noise, speech_like, tone, write_audio
+from schemas.vocabulary import RUN_COMPLETED, RUN_FAILED
 from tests.driver_kill import CLI
 
 OBJECT_STORE = 200 * 2**20
@@ -286,12 +287,12 @@ def finish(proc: subprocess.Popen, log: Path, t0: float) -> tuple[int, float, st
 
 
 def latest_run(out: Path) -> dict:
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     return store.read_run(store.list_runs()[-1])
 
 
 def assert_exactly_once(out: Path) -> None:
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     files = store.read_table("files").to_pylist()
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == [f"clip{i:02d}.flac" for i in range(N_CLIPS)]
     assert all(r["status"] == "ok" and r["n_segments"] == 2 for r in files), files
@@ -353,7 +354,7 @@ def check_outcome(result: dict) -> str:
     assert first["placed"]["ledger"] == "head", f"the attempt ledger must sit on the driver's node: {first['placed']}"
     again = result["again"]["record"]
     if first["rc"] == 0:
-        assert rec["status"] == cm.RUN_COMPLETED
+        assert rec["status"] == RUN_COMPLETED
         # a restarted actor retries its tasks, so nothing is dropped: no isolating pass (a lost
         # attempt ledger would make every later batch fail and need one)
         assert "did not complete in pass" not in first["log"], first["log"][-3000:]
@@ -361,13 +362,13 @@ def check_outcome(result: dict) -> str:
         assert again["run_id"] != rec["run_id"] and again["counts"]["processed"] == 0, again
         return "completed"
     assert first["rc"] == 1, first["log"][-3000:]
-    assert rec["status"] == cm.RUN_FAILED
+    assert rec["status"] == RUN_FAILED
     assert rec["error"].startswith("StallError: no result for"), rec["error"]
     assert "stalled operator: MapBatches(" in rec["error"] and "cluster free: CPU" in rec["error"], rec["error"]
     # failed by the watchdog within its limit: the node was lost, then at most the timeout passed
     # since the last result (plus the time to stop and record)
     assert first["wall"] - first["lost_at"] < STALL_S + 120, first["wall"]
-    assert again["status"] == cm.RUN_COMPLETED and again["run_id"] == rec["run_id"] and again["resumes"]
+    assert again["status"] == RUN_COMPLETED and again["run_id"] == rec["run_id"] and again["resumes"]
     return "stalled"
 
 

@@ -10,7 +10,20 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipelines import commit as cm
+from pipelines.output import (
+    CommittedFile,
+    Committer,
+    OldLayoutError,
+    OutputStore,
+    committed_ledger,
+    committed_seq,
+    data_file_schema_version,
+    is_done,
+    pending,
+    redact,
+    table_schema_version,
+)
+from pipelines.output.tables import SCHEMA_VERSION_KEY
 
 
 def _tables(run_id: str, uris: list[str], n_seg: int = 2, text: str = "t", version: str = "v1"):
@@ -23,15 +36,15 @@ def _tables(run_id: str, uris: list[str], n_seg: int = 2, text: str = "t", versi
          "task": "caption", "text": f"{text}-{u}-{i}", "finish_reason": "stop", "run_id": run_id}
         for u in uris for i in range(n_seg)
     ], schema=schemas.SEGMENTS)
-    entries = [cm.CommittedFile(file_id=f"id-{u}", uri=u, version=version, config_hash="h", status="ok",
-                                error_type=None, run_id=run_id, seq=0) for u in uris]
+    entries = [CommittedFile(file_id=f"id-{u}", uri=u, version=version, config_hash="h", status="ok",
+                             error_type=None, run_id=run_id, seq=0) for u in uris]
     return files, segs, entries
 
 
 def test_commit_roundtrip_and_schema_version(tmp_path):
-    store = cm.OutputStore(str(tmp_path / "out"))
-    assert store.read_table("files").num_rows == 0 and store.ledger() == {}
-    c = cm.Committer(store, "run1")
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.read_table("files").num_rows == 0 and committed_ledger(store) == {}
+    c = Committer(store, "run1")
     rec = c.commit(*_tables("run1", ["a", "b"]))
     assert (rec.seq, rec.n_files, rec.n_segments) == (1, 2, 4)
     files = store.read_table("files")
@@ -46,9 +59,9 @@ def test_commit_roundtrip_and_schema_version(tmp_path):
         for p in paths:
             s = pq.read_schema(p)
             assert s.field("file_id").metadata == {schemas.METADATA_KEY: schemas.SCHEMA_VERSION.encode()}
-            assert cm.data_file_schema_version(s) == schemas.SCHEMA_VERSION
+            assert data_file_schema_version(s) == schemas.SCHEMA_VERSION
             assert pq.ParquetFile(p).metadata.row_group(0).column(0).compression == "ZSTD"
-        assert cm.table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
+        assert table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
     # both Delta commits carry the run's application transaction and commit metadata
     for name in ("files", "segments"):
         dt = store.table(name)
@@ -58,15 +71,15 @@ def test_commit_roundtrip_and_schema_version(tmp_path):
 
 
 def test_reprocessed_file_replaces_its_rows(tmp_path):
-    store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, "20260101T000000Z-aaaaaa").commit(*_tables("20260101T000000Z-aaaaaa", ["a", "b"], text="old"))
-    new = cm.Committer(store, "20260102T000000Z-bbbbbb")
+    store = OutputStore(str(tmp_path / "out"))
+    Committer(store, "20260101T000000Z-aaaaaa").commit(*_tables("20260101T000000Z-aaaaaa", ["a", "b"], text="old"))
+    new = Committer(store, "20260102T000000Z-bbbbbb")
     new.commit(*_tables("20260102T000000Z-bbbbbb", ["a"], n_seg=3, text="new", version="v2"))
     latest = store.read_table("segments")
     texts = sorted((r["uri"], r["segment_index"], r["text"]) for r in latest.to_pylist())
     assert texts == [("a", 0, "new-a-0"), ("a", 1, "new-a-1"), ("a", 2, "new-a-2"),
                      ("b", 0, "old-b-0"), ("b", 1, "old-b-1")]
-    ledger = store.ledger()
+    ledger = committed_ledger(store)
     assert (ledger["a"].version, ledger["a"].run_id) == ("v2", "20260102T000000Z-bbbbbb")
     assert (ledger["b"].version, ledger["b"].run_id) == ("v1", "20260101T000000Z-aaaaaa")
     # the older run's rows as of its last commit are still there (Delta time travel)
@@ -76,33 +89,33 @@ def test_reprocessed_file_replaces_its_rows(tmp_path):
     # an error result removes the file's old segments
     files, _, entries = _tables("20260103T000000Z-cccccc", ["b"], n_seg=0)
     files = files.set_column(files.schema.get_field_index("status"), "status", pa.array(["error"]))
-    cm.Committer(store, "20260103T000000Z-cccccc").commit(files, schemas.SEGMENTS.empty_table(), entries)
+    Committer(store, "20260103T000000Z-cccccc").commit(files, schemas.SEGMENTS.empty_table(), entries)
     assert sorted(store.read_table("segments")["uri"].to_pylist()) == ["a", "a", "a"]
     assert store.read_table("files").num_rows == 2
 
 
 def test_committer_continues_sequence(tmp_path):
-    store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, "r").commit(*_tables("r", ["a"]))
-    c2 = cm.Committer(store, "r")
+    store = OutputStore(str(tmp_path / "out"))
+    Committer(store, "r").commit(*_tables("r", ["a"]))
+    c2 = Committer(store, "r")
     assert (c2.next_seq, c2.in_flight_seq) == (2, None)
     assert c2.commit(*_tables("r", ["b"])).seq == 2
-    assert store.committed_seq("r") == 2 and store.committed_seq("other") == 0
+    assert committed_seq(store, "r") == 2 and committed_seq(store, "other") == 0
 
 
 def test_interrupted_commit_is_redone_without_duplicates(tmp_path):
     """A crash between the segments commit and the files commit: resume redoes those files; the
     redo replaces the segment rows the interrupted commit wrote; files no longer listed lose them."""
-    store = cm.OutputStore(str(tmp_path / "out"))
-    c = cm.Committer(store, "r")
+    store = OutputStore(str(tmp_path / "out"))
+    c = Committer(store, "r")
     c.commit(*_tables("r", ["a"]))
     # seq 2 dies after its segments commit: write only that half, as _write does
     files, segs, entries = _tables("r", ["b", "gone"])
     c._write("segments", schemas.conform(segs, schemas.SEGMENTS), ["id-b", "id-gone"], 2)
     assert store.read_table("segments").num_rows == 6
-    assert set(store.ledger()) == {"a"}              # b and gone are not done
+    assert set(committed_ledger(store)) == {"a"}              # b and gone are not done
 
-    resumed = cm.Committer(store, "r")
+    resumed = Committer(store, "r")
     assert (resumed.in_flight_seq, resumed.next_seq) == (2, 3)
     assert resumed.in_flight_file_ids() == ["id-b", "id-gone"]
     # this attempt lists b again but not "gone": gone's stale rows go, b's wait for its redo
@@ -113,7 +126,7 @@ def test_interrupted_commit_is_redone_without_duplicates(tmp_path):
     keys = [(s["file_id"], s["segment_index"], s["task"]) for s in segs]
     assert len(keys) == len(set(keys)) == 5
     assert sorted(s["text"] for s in segs if s["uri"] == "b") == ["redo-b-0", "redo-b-1", "redo-b-2"]
-    assert store.committed_seq("r") == 3 and cm.Committer(store, "r").in_flight_seq is None
+    assert committed_seq(store, "r") == 3 and Committer(store, "r").in_flight_seq is None
 
 
 def test_old_layout_is_refused_with_the_migrate_command(tmp_path):
@@ -121,26 +134,26 @@ def test_old_layout_is_refused_with_the_migrate_command(tmp_path):
     part = out / "files" / "run_id=20250101T000000Z-old111" / "part-000001-aa.parquet"
     part.parent.mkdir(parents=True)
     pq.write_table(_tables("20250101T000000Z-old111", ["a"])[0], part)
-    store = cm.OutputStore(str(out))
-    with pytest.raises(cm.OldLayoutError, match=f"salmonn-pipeline migrate {out}"):
+    store = OutputStore(str(out))
+    with pytest.raises(OldLayoutError, match=f"salmonn-pipeline migrate {out}"):
         store.read_table("files")
-    with pytest.raises(cm.OldLayoutError):
-        cm.Committer(store, "r")
+    with pytest.raises(OldLayoutError):
+        Committer(store, "r")
 
 
 def test_schema_evolution_adds_columns(tmp_path):
     """A table created by an older schema (no files.version) gains the column on the next commit."""
     from deltalake import DeltaTable
 
-    store = cm.OutputStore(str(tmp_path / "out"))
+    store = OutputStore(str(tmp_path / "out"))
     old = pa.schema([f for f in schemas.FILES if f.name != "version"])
-    DeltaTable.create(store.table_uri("files"), old, configuration={cm.SCHEMA_VERSION_KEY: "2"},
+    DeltaTable.create(store.table_uri("files"), old, configuration={SCHEMA_VERSION_KEY: "2"},
                       raise_if_key_not_exists=False)
-    cm.Committer(store, "r").commit(*_tables("r", ["a"]))
+    Committer(store, "r").commit(*_tables("r", ["a"]))
     dt = store.table("files")
     assert "version" in [f.name for f in dt.schema().fields]
-    assert cm.table_schema_version(dt) == schemas.SCHEMA_VERSION
-    assert store.ledger()["a"].version == "v1"
+    assert table_schema_version(dt) == schemas.SCHEMA_VERSION
+    assert committed_ledger(store)["a"].version == "v1"
 
 
 def test_conform_rejects_bad_tables():
@@ -156,22 +169,22 @@ def test_conform_rejects_bad_tables():
 
 
 def test_is_done_rules():
-    e = cm.CommittedFile("f", "u", "v1", "h", "ok", None, "r", 1)
-    assert cm.is_done(e, "v1", "h")
-    assert not cm.is_done(e, "v2", "h")        # changed file
-    assert not cm.is_done(e, "v1", "h2")       # changed config
-    assert not cm.is_done(None, "v1", "h")     # new file
-    bad = cm.CommittedFile("f", "u", "v1", "h", "error", "not_audio", "r", 1)
-    assert cm.is_done(bad, "v1", "h")          # a permanent error is not retried every night
-    flaky = cm.CommittedFile("f", "u", "v1", "h", "error", "read_error", "r", 1)
-    assert not cm.is_done(flaky, "v1", "h")    # a transient one is
+    e = CommittedFile("f", "u", "v1", "h", "ok", None, "r", 1)
+    assert is_done(e, "v1", "h")
+    assert not is_done(e, "v2", "h")        # changed file
+    assert not is_done(e, "v1", "h2")       # changed config
+    assert not is_done(None, "v1", "h")     # new file
+    bad = CommittedFile("f", "u", "v1", "h", "error", "not_audio", "r", 1)
+    assert is_done(bad, "v1", "h")          # a permanent error is not retried every night
+    flaky = CommittedFile("f", "u", "v1", "h", "error", "read_error", "r", 1)
+    assert not is_done(flaky, "v1", "h")    # a transient one is
 
 
 def test_pending_is_is_done_for_every_listed_file(tmp_path):
     """The run's Arrow join over the files table decides exactly as is_done on the ledger."""
     from pipelines.sources import FileRef
 
-    store = cm.OutputStore(str(tmp_path / "out"))
+    store = OutputStore(str(tmp_path / "out"))
     rows = {  # uri -> (version, config hash, status, error_type) committed
         "same": ("v1", "h", "ok", None), "changed": ("v1", "h", "ok", None), "other-config": ("v1", "h0", "ok", None),
         "bad": ("v1", "h", "error", "invalid_data"), "flaky": ("v1", "h", "error", "read_error"),
@@ -179,21 +192,21 @@ def test_pending_is_is_done_for_every_listed_file(tmp_path):
     }
     files = pa.Table.from_pylist([{"file_id": f"id-{u}", "uri": u, "status": st, "error_type": et, "run_id": "r",
                                    "config_hash": h} for u, (_, h, st, et) in rows.items()], schema=schemas.FILES)
-    entries = [cm.CommittedFile(f"id-{u}", u, v, h or "", st, et, "r", 0) for u, (v, h, st, et) in rows.items()]
+    entries = [CommittedFile(f"id-{u}", u, v, h or "", st, et, "r", 0) for u, (v, h, st, et) in rows.items()]
     files = files.set_column(files.schema.get_field_index("config_hash"), "config_hash",
                              pa.array([h for (_, h, _, _) in rows.values()], pa.string()))
-    cm.Committer(store, "r").commit(files, schemas.SEGMENTS.empty_table(), entries)
+    Committer(store, "r").commit(files, schemas.SEGMENTS.empty_table(), entries)
     listed = [FileRef(u, 1, "v2" if u == "changed" else "v1", None, f"id-{u}") for u in [*rows, "new"]]
-    ledger = store.ledger()
-    expected = [r.uri for r in listed if not cm.is_done(ledger.get(r.uri), r.version, "h")]
-    assert [r.uri for r in store.pending(listed, "h")] == expected
+    ledger = committed_ledger(store)
+    expected = [r.uri for r in listed if not is_done(ledger.get(r.uri), r.version, "h")]
+    assert [r.uri for r in pending(store, listed, "h")] == expected
     assert expected == ["changed", "other-config", "flaky", "partial-flaky", "no-hash", "new"]
 
 
 def test_redact_hides_secrets():
     opts = {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9",
             "client_kwargs": {"aws_secret_access_key": "zzz", "region_name": "us-east-1"}, "anon": False}
-    red = cm.redact(opts)
+    red = redact(opts)
     blob = json.dumps(red)
     assert "s3cr3t" not in blob and "AKIA123" not in blob and "zzz" not in blob
     assert red["endpoint_url"] == "http://127.0.0.1:9" and red["client_kwargs"]["region_name"] == "us-east-1"
@@ -206,7 +219,7 @@ def test_model_and_stages_import_no_ray():
 
     modules = ["salmonn", "salmonn.model", "salmonn.checkpoint", "salmonn.tiny", "schemas", "schemas.stage",
                "pipelines.sources", "pipelines.decode", "pipelines.synth", "pipelines.infer",
-               "pipelines.stages", "pipelines.commit", "pipelines.ops.status", "pipelines.storage",
+               "pipelines.stages", "pipelines.output", "pipelines.driver", "pipelines.ops.status", "pipelines.storage",
                "pipelines.labels", "pipelines.ops.export", "pipelines.ops.plan", "pipelines.ops.report",
                "salmonn.weights", "pipelines.cli", "pipelines.run"]
     code = ("import importlib, sys\n"
@@ -226,10 +239,10 @@ def _error_refs(n: int):
 
 
 def _buffer(out, refs, **kw):
-    from pipelines.run import CommitBuffer, Progress
+    from pipelines.driver import CommitBuffer, Progress
 
-    store = cm.OutputStore(str(out))
-    buffer = CommitBuffer(cm.Committer(store, "20260101T000000Z-spaced"), {r.file_id: r for r in refs},
+    store = OutputStore(str(out))
+    buffer = CommitBuffer(Committer(store, "20260101T000000Z-spaced"), {r.file_id: r for r in refs},
                           Progress(len(refs), False), run_id="20260101T000000Z-spaced", model_id="m", chash="h",
                           flush_files=1, flush_seconds=0.0, **kw)
     return store, buffer
@@ -242,7 +255,7 @@ def test_slow_commits_are_spaced_out_and_carry_the_files_completed_meanwhile(tmp
     import time
 
     from pipelines import faults
-    from pipelines.run import error_file
+    from pipelines.driver import error_file
 
     refs = _error_refs(10)
     # the commit holding clip00 is slow (the fault hook's sleep stands in for a slow rewrite)

@@ -17,8 +17,22 @@ from deltalake import write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 import schemas
-from pipelines import commit as cm
 from pipelines import storage
+from pipelines.output import (
+    CommittedFile,
+    Committer,
+    OldLayoutError,
+    OutputStore,
+    committed_ledger,
+    committed_seq,
+    data_file_schema_version,
+    migrate,
+    table_schema_version,
+    utcnow,
+)
+from pipelines.output.maintenance import LEASE_NAME, LEASE_SCHEMA, LEASE_TABLE, claim_maintenance, release_maintenance
+from pipelines.output.migrate import CommitRecord
+from schemas.vocabulary import RUN_COMPLETED
 from tests import ops_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +48,11 @@ def _batch(run_id: str, names: list[str], n_seg: int = 2, tag: str = ""):
         {"file_id": fx.file_id(u), "uri": u, "segment_index": i, "start_s": 30.0 * i, "end_s": 30.0 * (i + 1),
          "task": "caption", "text": f"{tag}{u}-{i}", "finish_reason": "stop", "run_id": run_id}
         for u in uris for i in range(n_seg)], schema=schemas.SEGMENTS)
-    entries = [cm.CommittedFile(fx.file_id(u), u, "v1", "h", "ok", None, run_id, 0) for u in uris]
+    entries = [CommittedFile(fx.file_id(u), u, "v1", "h", "ok", None, run_id, 0) for u in uris]
     return files, segs, entries
 
 
-def _assert_each_file_once(store: cm.OutputStore, n_files: int, n_seg: int = 2) -> None:
+def _assert_each_file_once(store: OutputStore, n_files: int, n_seg: int = 2) -> None:
     files = store.read_table("files")
     assert sorted(collections.Counter(files["file_id"].to_pylist()).values()) == [1] * n_files
     segs = store.read_table("segments")
@@ -79,11 +93,11 @@ def test_storage_options_for_delta_rs():
 
 _WRITER = """
 import json, sys, time
-from pipelines import commit as cm
+from pipelines.output import Committer, OutputStore
 from tests.test_delta import _batch
 out, run_id, names, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-store = cm.OutputStore(out, options)
-committer = cm.Committer(store, run_id)
+store = OutputStore(out, options)
+committer = Committer(store, run_id)
 for i in range(0, len(names), 2):
     committer.commit(*_batch(run_id, names[i:i + 2], tag=run_id))
 committer.finish()
@@ -100,9 +114,9 @@ def _concurrent_writers(out: str, options: dict, env: dict | None = None) -> Non
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    store = cm.OutputStore(out, options)
+    store = OutputStore(out, options)
     _assert_each_file_once(store, 14)
-    assert {store.committed_seq(r) for r in ("20260301T000000Z-aaaaaa", "20260301T000000Z-bbbbbb")} == {6}
+    assert {committed_seq(store, r) for r in ("20260301T000000Z-aaaaaa", "20260301T000000Z-bbbbbb")} == {6}
 
 
 def test_a_conflicting_commit_is_retried_on_the_new_version(tmp_path, caplog):
@@ -110,11 +124,11 @@ def test_a_conflicting_commit_is_retried_on_the_new_version(tmp_path, caplog):
     commit (B added rows A's predicate covers); A retries on the new version and replaces them."""
     import logging
 
-    store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, "r0").commit(*_batch("r0", ["w"]))
-    a, b = cm.Committer(store, "ra"), cm.Committer(store, "rb")
+    store = OutputStore(str(tmp_path / "out"))
+    Committer(store, "r0").commit(*_batch("r0", ["w"]))
+    a, b = Committer(store, "ra"), Committer(store, "rb")
     b.commit(*_batch("rb", ["x", "y"]))
-    with caplog.at_level(logging.INFO, logger="pipelines.commit"):
+    with caplog.at_level(logging.INFO, logger="pipelines.output"):
         a.commit(*_batch("ra", ["y", "z"]))
     retried = [r.getMessage() for r in caplog.records if "a concurrent commit conflicts" in r.getMessage()]
     assert len(retried) == 2 and "segments" in retried[0] and "files" in retried[1]
@@ -132,17 +146,17 @@ def test_delta_tables_on_moto_s3(s3_server, s3_storage_options):
     writers on the S3 server."""
     s3_server.s3fs().mkdir("index")
     out = "s3://index/out"
-    store = cm.OutputStore(out, s3_storage_options)
-    c = cm.Committer(store, "20260101T000000Z-aaaaaa")
+    store = OutputStore(out, s3_storage_options)
+    c = Committer(store, "20260101T000000Z-aaaaaa")
     c.commit(*_batch("20260101T000000Z-aaaaaa", ["a", "b"], tag="old-"))
-    cm.Committer(store, "20260102T000000Z-bbbbbb").commit(*_batch("20260102T000000Z-bbbbbb", ["a"], tag="new-"))
-    ledger = store.ledger()
+    Committer(store, "20260102T000000Z-bbbbbb").commit(*_batch("20260102T000000Z-bbbbbb", ["a"], tag="new-"))
+    ledger = committed_ledger(store)
     assert {u.rsplit("/", 1)[1]: e.run_id[-6:] for u, e in ledger.items()} == {"a.mp3": "bbbbbb", "b.mp3": "aaaaaa"}
     assert sorted(store.read_run_rows("segments", "20260101T000000Z-aaaaaa")["text"].to_pylist())[0].startswith("old-")
     fs = s3_server.s3fs()
     for path in store.data_files("segments"):
         with fs.open(path, "rb") as f:
-            assert cm.data_file_schema_version(pq.read_schema(f)) == schemas.SCHEMA_VERSION
+            assert data_file_schema_version(pq.read_schema(f)) == schemas.SCHEMA_VERSION
     s3_server.reset()
     s3_server.s3fs().mkdir("index")
     _concurrent_writers(out, s3_storage_options)
@@ -178,7 +192,7 @@ def test_readme_queries_run_as_written(tmp_path):
 
 def _old_layout(out: Path) -> None:
     """Two runs of the earlier layout (parts + commit records, schema v2), b changed in run 2."""
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     for run, names, version, tag in (("20250101T000000Z-old111", ["a", "b"], "v1", "one "),
                                      ("20250102T000000Z-old222", ["b", "c"], "v2", "two ")):
         files, segs, entries = _batch(run, names, tag=tag)
@@ -188,11 +202,11 @@ def _old_layout(out: Path) -> None:
             rels[name] = f"{name}/run_id={run}/part-000001-aa.parquet"
             (out / rels[name]).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(t, out / rels[name])
-        rec = cm.CommitRecord(run_id=run, seq=1, files_part=rels["files"], segments_part=rels["segments"],
-                              n_files=files.num_rows, n_segments=segs.num_rows, committed_at="2025-01-01T00:00:00+00:00",
-                              files=tuple(e._replace(version=version) for e in entries))
+        rec = CommitRecord(run_id=run, seq=1, files_part=rels["files"], segments_part=rels["segments"],
+                           n_files=files.num_rows, n_segments=segs.num_rows, committed_at="2025-01-01T00:00:00+00:00",
+                           files=tuple(e._replace(version=version) for e in entries))
         store.write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
-        store.write_run({"run_id": run, "status": cm.RUN_COMPLETED, "config_hash": "h"})
+        store.write_run({"run_id": run, "status": RUN_COMPLETED, "config_hash": "h"})
 
 
 def test_migrate_the_earlier_layout(tmp_path, capsys):
@@ -200,35 +214,35 @@ def test_migrate_the_earlier_layout(tmp_path, capsys):
 
     out = tmp_path / "out"
     _old_layout(out)
-    store = cm.OutputStore(str(out))
-    with pytest.raises(cm.OldLayoutError, match=f"salmonn-pipeline migrate {out}"):
-        store.ledger()
+    store = OutputStore(str(out))
+    with pytest.raises(OldLayoutError, match=f"salmonn-pipeline migrate {out}"):
+        committed_ledger(store)
     assert cli_main(["migrate", str(out)]) == 0
     assert "migrated 2 commits of 2 run(s): 3 files and 6 segment rows" in capsys.readouterr().out
 
-    ledger = store.ledger()
+    ledger = committed_ledger(store)
     assert {u.rsplit("/", 1)[1]: (e.version, e.run_id[-6:]) for u, e in ledger.items()} == {
         "a.mp3": ("v1", "old111"), "b.mp3": ("v2", "old222"), "c.mp3": ("v2", "old222")}
     texts = sorted(store.read_table("segments")["text"].to_pylist())
     assert [t.split("s3://")[0] for t in texts] == ["one "] * 2 + ["two "] * 4
     for name in ("files", "segments"):
-        assert cm.table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
+        assert table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
         assert not list((out / name).glob("run_id=*"))                  # no debris for Delta to see
         assert len(list((out / "_legacy" / name).glob("run_id=*/*.parquet"))) == 2   # nothing lost
     history = store.read_run("20250101T000000Z-old111")["legacy_commits"]
     assert [(c["seq"], [f["uri"][-5:] for f in c["files"]]) for c in history] == [(1, ["a.mp3", "b.mp3"])]
     assert len(list((out / "_legacy" / "_runs").glob("*/commits/*.json"))) == 2
     # a second migrate has nothing to do; runs continue on the tables
-    assert cm.migrate(str(out)).already_done
-    cm.Committer(store, "20260101T000000Z-new333").commit(*_batch("20260101T000000Z-new333", ["a"], tag="three "))
-    assert store.ledger()["s3://archive/a.mp3"].run_id == "20260101T000000Z-new333"
+    assert migrate(str(out)).already_done
+    Committer(store, "20260101T000000Z-new333").commit(*_batch("20260101T000000Z-new333", ["a"], tag="three "))
+    assert committed_ledger(store)["s3://archive/a.mp3"].run_id == "20260101T000000Z-new333"
 
 
 def test_maintain_compacts_checkpoints_and_vacuums(tmp_path, capsys):
     from pipelines.cli import main as cli_main
 
-    store = cm.OutputStore(str(tmp_path / "out"))
-    c = cm.Committer(store, "r")
+    store = OutputStore(str(tmp_path / "out"))
+    c = Committer(store, "r")
     for i in range(6):
         c.commit(*_batch("r", [f"m{i}"]))
     assert len(store.data_files("segments")) == 6
@@ -244,7 +258,7 @@ def test_maintain_compacts_checkpoints_and_vacuums(tmp_path, capsys):
     assert list((tmp_path / "out" / "segments" / "_delta_log").glob("*.checkpoint.parquet"))
     assert debris.exists()                                             # no vacuum asked for
     for path in store.data_files("segments"):                          # compaction keeps the footer metadata
-        assert cm.data_file_schema_version(pq.read_schema(path)) == schemas.SCHEMA_VERSION
+        assert data_file_schema_version(pq.read_schema(path)) == schemas.SCHEMA_VERSION
 
     assert cli_main(["maintain", str(tmp_path / "out"), "--vacuum-hours", "0"]) == 0
     assert not debris.exists() and store.untracked_files("files") == []
@@ -273,9 +287,9 @@ def test_two_concurrent_runs_with_overlapping_inputs(tmp_path):
     results = [p.communicate(timeout=900) for p in procs]
     for p, (_, se) in zip(procs, results):
         assert p.returncode == 0, se[-3000:]
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     runs = store.list_runs()
-    assert len(runs) == 2 and all(store.read_run(r)["status"] == cm.RUN_COMPLETED for r in runs)
+    assert len(runs) == 2 and all(store.read_run(r)["status"] == RUN_COMPLETED for r in runs)
     files = store.read_table("files")
     assert sorted(files["uri"].to_pylist()) == sorted(str(audio / f"clip{i}.flac") for i in range(8))
     assert len(set(files["file_id"].to_pylist())) == 8
@@ -283,7 +297,7 @@ def test_two_concurrent_runs_with_overlapping_inputs(tmp_path):
     keys = list(zip(segs["file_id"].to_pylist(), segs["segment_index"].to_pylist(), segs["task"].to_pylist()))
     assert len(keys) == len(set(keys)) == sum(files["n_segments"].to_pylist()) * 3
     # a run's commits complete: its files' ledger rows are all there, whichever run wrote them last
-    assert all(store.committed_seq(r) >= 1 for r in runs)
+    assert all(committed_seq(store, r) >= 1 for r in runs)
 
 
 def test_one_compaction_at_a_time(tmp_path, capsys):
@@ -294,14 +308,14 @@ def test_one_compaction_at_a_time(tmp_path, capsys):
     from pipelines.cli import main as cli_main
 
     out = str(tmp_path / "out")
-    store = cm.OutputStore(out)
+    store = OutputStore(out)
     run = "20260301T000000Z-aaaaaa"
-    committer = cm.Committer(store, run)
+    committer = Committer(store, run)
     for names in (["a", "b"], ["c", "d"], ["e"]):          # three small data files per table
         committer.commit(*_batch(run, names))
-    elsewhere = cm.OutputStore(out)
-    assert elsewhere.claim_maintenance("maintain on host-b (pid 7)") is None
-    assert store.claim_maintenance("someone else").startswith("maintain on host-b (pid 7) (lease until ")
+    elsewhere = OutputStore(out)
+    assert claim_maintenance(elsewhere, "maintain on host-b (pid 7)") is None
+    assert claim_maintenance(store, "someone else").startswith("maintain on host-b (pid 7) (lease until ")
 
     report = committer.finish()       # the run ends while the other process compacts
     assert {r["skipped"].split(" (lease")[0] for r in report.values()} == {"maintain on host-b (pid 7)"}
@@ -310,20 +324,20 @@ def test_one_compaction_at_a_time(tmp_path, capsys):
     assert "maintain on host-b (pid 7)" in capsys.readouterr().err
     _assert_each_file_once(store, 5)
 
-    elsewhere.release_maintenance("someone else")            # only its holder releases a lease
-    assert store.claim_maintenance("x") is not None
-    elsewhere.release_maintenance("maintain on host-b (pid 7)")
+    release_maintenance(elsewhere, "someone else")            # only its holder releases a lease
+    assert claim_maintenance(store, "x") is not None
+    release_maintenance(elsewhere, "maintain on host-b (pid 7)")
     assert cli_main(["maintain", out]) == 0
     assert len(store.data_files("files")) == 1 and len(store.data_files("segments")) == 1
     _assert_each_file_once(store, 5)
 
     # a holder that died: its lease ends by itself
-    assert elsewhere.claim_maintenance("a run that was killed", lease_s=-1.0) is None
-    assert store.claim_maintenance("the next run") is None
-    assert elsewhere.claim_maintenance("a third").startswith("the next run")
+    assert claim_maintenance(elsewhere, "a run that was killed", lease_s=-1.0) is None
+    assert claim_maintenance(store, "the next run") is None
+    assert claim_maintenance(elsewhere, "a third").startswith("the next run")
     # its holder renews it (between tables, for a long compaction); nobody else can meanwhile
-    assert store.claim_maintenance("the next run", lease_s=7200) is None
-    assert "the next run" in elsewhere.claim_maintenance("a third")
+    assert claim_maintenance(store, "the next run", lease_s=7200) is None
+    assert "the next run" in claim_maintenance(elsewhere, "a third")
 
 
 def test_two_processes_taking_the_lease_at_once_one_loses(tmp_path):
@@ -332,13 +346,13 @@ def test_two_processes_taking_the_lease_at_once_one_loses(tmp_path):
     second, which then sees the first's holder."""
     from deltalake import DeltaTable
 
-    store = cm.OutputStore(str(tmp_path / "out"))
-    assert store.claim_maintenance("first") is None
-    store.release_maintenance("first")
-    uri = store.table_uri(cm.LEASE_TABLE)
+    store = OutputStore(str(tmp_path / "out"))
+    assert claim_maintenance(store, "first") is None
+    release_maintenance(store, "first")
+    uri = store.table_uri(LEASE_TABLE)
     stale_a, stale_b = DeltaTable(uri), DeltaTable(uri)
-    row = pa.Table.from_pylist([{"name": cm.LEASE_NAME, "holder": "a", "until": cm.utcnow()}],
-                               schema=cm._LEASE_SCHEMA)
-    write_deltalake(stale_a, row, mode="overwrite", predicate=f"name = '{cm.LEASE_NAME}'")
+    row = pa.Table.from_pylist([{"name": LEASE_NAME, "holder": "a", "until": utcnow()}],
+                               schema=LEASE_SCHEMA)
+    write_deltalake(stale_a, row, mode="overwrite", predicate=f"name = '{LEASE_NAME}'")
     with pytest.raises(CommitFailedError):
-        write_deltalake(stale_b, row, mode="overwrite", predicate=f"name = '{cm.LEASE_NAME}'")
+        write_deltalake(stale_b, row, mode="overwrite", predicate=f"name = '{LEASE_NAME}'")

@@ -3,9 +3,9 @@
 The commit path (write, compact, read through the Delta log: ``tests/exit_probe.py``) and a CLI
 subcommand that reads the tables (``salmonn-pipeline status``) each run as a subprocess many times
 beside a CPU hog, which is what made the teardown abort show ("terminate called without an
-active exception", SIGABRT, exit 134; see ``pipelines.commit.scan``): an Arrow I/O thread still
-holding a Python buffer when the interpreter finalised. With Delta tables read the old way, the
-probe aborted in 4-5 of 50 runs here under load: 50 runs of it fail this test with a probability
+active exception", SIGABRT, exit 134; see ``pipelines.output.tables.scan``): an Arrow I/O thread
+still holding a Python buffer when the interpreter finalised. With Delta tables read the old way,
+the probe aborted in 4-5 of 50 runs here under load: 50 runs of it fail this test with a probability
 of about 99%.
 """
 

@@ -144,13 +144,13 @@ def test_no_name_leaves_the_export_directory():
 def test_export_of_clashing_and_escaping_inputs_writes_one_file_each_inside_to(tmp_path):
     from datetime import datetime
 
-    from pipelines import commit as cm
+    from pipelines.output import Committer, OutputStore
 
     out = str(tmp_path / "out")
     files = {name: ("ok", None, 20.0, "mp3", "mp3") for name in (
         "clash.mp3", "clash.wav", "clash.mp3.wav", "../../../../outside/evil.mp3", "deep/../../../up.mp3",
         "sub\\..\\..\\win.mp3")}
-    cm.Committer(cm.OutputStore(out), fx.RUN1).commit(*fx.tables(fx.RUN1, files, datetime(2026, 1, 1, tzinfo=UTC)))
+    Committer(OutputStore(out), fx.RUN1).commit(*fx.tables(fx.RUN1, files, datetime(2026, 1, 1, tzinfo=UTC)))
     to = tmp_path / "export" / "here"
     res = export.export(out, fmt="jsonl", task="transcribe", to=str(to))
     written = _files(to)
@@ -176,13 +176,13 @@ def test_cli_export(out, tmp_path, capsys):
 
 def test_rows_without_label_get_it_from_the_text(tmp_path):
     """Segments written before schema version 2 have no label: export and report map the text."""
-    from pipelines import commit as cm
     from pipelines.ops import report
+    from pipelines.output import Committer, OutputStore
 
     files, segs, entries = fx.tables(fx.RUN1, {"old.wav": ("ok", None, 40.0, "wav", "pcm_s16le")}, fx.T0, seed=5)
     segs = segs.drop_columns(["label"])                   # as a version-1 writer had it
-    store = cm.OutputStore(str(tmp_path / "out"))
-    cm.Committer(store, fx.RUN1).commit(files, segs, entries)
+    store = OutputStore(str(tmp_path / "out"))
+    Committer(store, fx.RUN1).commit(files, segs, entries)
     store.write_run(fx.run_record(fx.RUN1, fx.T0, fx.T0, {"old.wav": ("ok", None, 40.0)}, n_inputs=1, skipped=0))
     assert store.read_table("segments")["label"].null_count == segs.num_rows
     export.export(str(tmp_path / "out"), fmt="jsonl", task="emotion", to=str(tmp_path / "x"))

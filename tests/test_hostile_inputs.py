@@ -367,8 +367,8 @@ def test_the_default_audio_stream_is_the_one_decoded_and_recorded(tmp_path):
 def test_a_hostile_archive_runs_to_the_end_with_one_row_per_input(tmp_path, ray_local, capsys):
     """One run over a directory of hostile files and good ones, plus a manifest with missing
     entries and a directory: exit 0, one files row per input, the README's error types."""
-    from pipelines import commit as cm
     from pipelines.cli import main
+    from pipelines.output import OutputStore
 
     d = tmp_path / "archive"
     d.mkdir()
@@ -393,7 +393,7 @@ def test_a_hostile_archive_runs_to_the_end_with_one_row_per_input(tmp_path, ray_
     rc = main(["run", str(d), str(manifest), "--out", str(out), "--window-s", "4", "--tasks", "caption",
                "--max-new-tokens", "2", "--no-progress", "--flush-files", "4"])
     assert rc == 0, capsys.readouterr().err
-    files = cm.OutputStore(str(out)).read_table("files").to_pylist()
+    files = OutputStore(str(out)).read_table("files").to_pylist()
     by_name = {Path(r["uri"]).name: r for r in files}
     assert len(files) == len(by_name) == len(expected), sorted(by_name)
     assert {n: r["error_type"] for n, r in by_name.items()} == expected

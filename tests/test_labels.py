@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipelines import commit as cm
 from pipelines import labels
+from pipelines.output import CommittedFile, Committer, OldLayoutError, OutputStore, migrate
+from pipelines.output.migrate import CommitRecord
 
 # Answers in the style SALMONN gives to "Describe the emotion of the speaker in one word."
 MODEL_ANSWERS = [
@@ -97,7 +98,7 @@ def test_schema_version_2_has_label_and_version_1_parts_still_read(tmp_path):
     assert schemas.SEGMENTS.field("label").type == pa.string()
 
     # a version-1 output: parts written by the old schema, listed by a commit record
-    store = cm.OutputStore(str(tmp_path / "out"))
+    store = OutputStore(str(tmp_path / "out"))
     run = "20250101T000000Z-old111"
     files_v1 = pa.Table.from_pylist([{"file_id": "f1", "uri": "/a.wav", "status": "ok", "run_id": run}],
                                     schema=schemas.FILES).replace_schema_metadata({schemas.METADATA_KEY: b"1"})
@@ -106,16 +107,16 @@ def test_schema_version_2_has_label_and_version_1_parts_still_read(tmp_path):
     (tmp_path / "out" / "segments" / f"run_id={run}").mkdir(parents=True)
     pq.write_table(files_v1, tmp_path / "out" / "files" / f"run_id={run}" / "part-000001-aa.parquet")
     pq.write_table(segs_v1, tmp_path / "out" / "segments" / f"run_id={run}" / "part-000001-aa.parquet")
-    rec = cm.CommitRecord(run_id=run, seq=1, files_part=f"files/run_id={run}/part-000001-aa.parquet",
-                          segments_part=f"segments/run_id={run}/part-000001-aa.parquet", n_files=1, n_segments=2,
-                          committed_at="2025-01-01T00:00:00+00:00",
-                          files=(cm.CommittedFile("f1", "/a.wav", "v", "h", "ok", None, run, 1),))
+    rec = CommitRecord(run_id=run, seq=1, files_part=f"files/run_id={run}/part-000001-aa.parquet",
+                       segments_part=f"segments/run_id={run}/part-000001-aa.parquet", n_files=1, n_segments=2,
+                       committed_at="2025-01-01T00:00:00+00:00",
+                       files=(CommittedFile("f1", "/a.wav", "v", "h", "ok", None, run, 1),))
     store.write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
     assert schemas.schema_version(pq.read_schema(tmp_path / "out" / rec.segments_part)) == "1"
 
-    with pytest.raises(cm.OldLayoutError, match="salmonn-pipeline migrate"):
+    with pytest.raises(OldLayoutError, match="salmonn-pipeline migrate"):
         store.read_table("segments")
-    cm.migrate(str(tmp_path / "out"))   # the earlier layout -> Delta tables
+    migrate(str(tmp_path / "out"))   # the earlier layout -> Delta tables
     segs = store.read_table("segments")
     assert segs.column_names == schemas.SEGMENTS.names
     assert segs["label"].to_pylist() == [None, None]       # filled with nulls
@@ -130,7 +131,7 @@ def test_schema_version_2_has_label_and_version_1_parts_still_read(tmp_path):
          "finish_reason": "stop", "run_id": run2}], schema=schemas.SEGMENTS)
     files2 = pa.Table.from_pylist([{"file_id": "f2", "uri": "/b.wav", "status": "ok", "run_id": run2}],
                                   schema=schemas.FILES)
-    cm.Committer(store, run2).commit(files2, segs2, [cm.CommittedFile("f2", "/b.wav", "v", "h", "ok", None, run2, 0)])
+    Committer(store, run2).commit(files2, segs2, [CommittedFile("f2", "/b.wav", "v", "h", "ok", None, run2, 0)])
     latest = store.read_table("segments", latest=True)
     by_uri = {(r["uri"], r["task"]): r["label"] for r in latest.to_pylist()}
     assert by_uri == {("/a.wav", "emotion"): None, ("/a.wav", "caption"): None, ("/b.wav", "emotion"): "angry"}

@@ -19,9 +19,10 @@ import av
 import numpy as np
 import pytest
 
-from pipelines import commit as cm
 from pipelines.cli import main as cli_main
+from pipelines.output import OutputStore
 from pipelines.synth import noise, silence, speech_like, tone, write_audio
+from schemas.vocabulary import RUN_COMPLETED, RUN_RUNNING
 from tests.driver_kill import CLI, kill_driver_when, signal_driver_when
 
 pytestmark = pytest.mark.slow
@@ -85,10 +86,10 @@ def reference_out(archive, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(archive, reference_out) -> dict:
-    return check_tables(cm.OutputStore(str(reference_out)), archive[1])
+    return check_tables(OutputStore(str(reference_out)), archive[1])
 
 
-def check_tables(store: cm.OutputStore, durations: dict[str, float]) -> dict:
+def check_tables(store: OutputStore, durations: dict[str, float]) -> dict:
     """One files row per input; ceil(duration / window) rows per task, contiguous, no duplicate.
     Returns {name: (files row, [segment rows])} for comparisons."""
     files = store.read_table("files", latest=True).to_pylist()
@@ -144,7 +145,7 @@ def test_same_tables_from_s3_with_batch_32_and_blocks_of_7(archive, reference, s
             "--storage-option", f"secret={s3_storage_options['secret']}",
             "--out-storage-option", "auto_mkdir=true"]
     assert cli_main(args) == 0
-    got = check_tables(cm.OutputStore(str(out)), durations)
+    got = check_tables(OutputStore(str(out)), durations)
     assert comparable(got) == comparable(reference)
 
 
@@ -153,13 +154,13 @@ def test_same_tables_with_batch_1_and_blocks_of_1(archive, reference, tmp_path):
     out = tmp_path / "out"
     assert cli_main(["run", str(audio), "--out", str(out), *RUN_ARGS, "--batch-size", "1",
                      "--windows-per-batch", "1", "--prefetch-batches", "2"]) == 0
-    got = check_tables(cm.OutputStore(str(out)), durations)
+    got = check_tables(OutputStore(str(out)), durations)
     assert comparable(got) == comparable(reference)
 
 
 def _committed_names(out: Path) -> set[str]:
     try:
-        files = cm.OutputStore(str(out)).read_table("files")
+        files = OutputStore(str(out)).read_table("files")
     except Exception:  # noqa: BLE001 - not written yet, or mid-commit
         return set()
     return {u.rsplit("/", 1)[-1] for u in files["uri"].to_pylist()}
@@ -174,14 +175,14 @@ def test_driver_killed_during_the_two_hour_file_resumes_exactly_once(archive, re
                      what="the long files were in flight", after_s=3)
     before = _committed_names(out)
     assert "two_hours.opus" not in before, "the kill landed after the two-hour file was committed"
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == cm.RUN_RUNNING
+    assert store.read_run(run_id)["status"] == RUN_RUNNING
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
-    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == cm.RUN_COMPLETED
+    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == RUN_COMPLETED
     # exactly once, across every version of the tables (not only the latest view)
     files = store.read_table("files").to_pylist()
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == sorted([*durations, *BROKEN])
@@ -202,7 +203,7 @@ def test_sigterm_during_the_two_hour_file_commits_what_is_complete_and_resumes(a
     assert ended.exit_s < 30
     assert "interrupted by SIGTERM" in ended.stderr
     assert "Aborted" not in ended.stderr and "terminate called" not in ended.stderr
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     (run_id,) = store.list_runs()
     rec = store.read_run(run_id)
     assert rec["status"] == "interrupted" and rec["error"] == "interrupted by SIGTERM"
@@ -213,7 +214,7 @@ def test_sigterm_during_the_two_hour_file_commits_what_is_complete_and_resumes(a
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
-    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == cm.RUN_COMPLETED
+    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == RUN_COMPLETED
     got = check_tables(store, durations)
     assert comparable(got) == comparable(reference)
 

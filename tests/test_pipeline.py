@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipelines import commit as cm
 from pipelines.cli import main as cli_main
 from pipelines.decode import DecodeOptions
 from pipelines.ops import report
+from pipelines.output import OutputStore, data_file_schema_version
 from pipelines.run import PipelineConfig, run_pipeline
 from pipelines.synth import noise, speech_like, tone, write_audio, write_video
+from schemas.vocabulary import RUN_COMPLETED, RUN_RUNNING
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_S = 4.0
@@ -70,7 +71,7 @@ def upload_dir(fs, local: Path, bucket: str) -> None:
         fs.put_file(str(p), f"{bucket}/{p.name}")
 
 
-def check_output(store: cm.OutputStore, durations: dict[str, float], n_tasks: int) -> None:
+def check_output(store: OutputStore, durations: dict[str, float], n_tasks: int) -> None:
     files = store.read_table("files")
     segs = store.read_table("segments")
     by_name = {r["uri"].rsplit("/", 1)[-1]: r for r in files.to_pylist()}
@@ -110,7 +111,7 @@ def check_output(store: cm.OutputStore, durations: dict[str, float], n_tasks: in
         assert paths
         for path in paths:
             with store.fs.open(path, "rb") as f:
-                assert cm.data_file_schema_version(pq.read_schema(f)) == schemas.SCHEMA_VERSION
+                assert data_file_schema_version(pq.read_schema(f)) == schemas.SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_s3_archive_to_local_and_s3_outputs(archive, s3_server, s3_storage_optio
                                           progress=False, batch_size=4))
     assert summary.status == "completed"
     assert (summary.ok, summary.error, summary.partial) == (17, 3, 0)
-    store = cm.OutputStore(str(out_local))
+    store = OutputStore(str(out_local))
     check_output(store, durations, n_tasks=3)
 
     # DuckDB reads both Delta tables: the README's offline query (as written, OUT replaced)
@@ -157,7 +158,7 @@ def test_s3_archive_to_local_and_s3_outputs(archive, s3_server, s3_storage_optio
                                           tasks=tasks, storage_options=s3_storage_options, progress=False,
                                           batch_size=4))
     assert (summary.ok, summary.error) == (17, 3)
-    s3store = cm.OutputStore("s3://podcast-index/run", s3_storage_options)
+    s3store = OutputStore("s3://podcast-index/run", s3_storage_options)
     check_output(s3store, durations, n_tasks=5)
     segs = s3store.read_table("segments").to_pylist()
     per_window: dict[tuple[str, int], list[str]] = {}
@@ -176,7 +177,7 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     out = tmp_path / "out"
     cfg = PipelineConfig(input=str(audio), out=str(out), progress=False, flush_files=2)
     first = run_pipeline(cfg)
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     n_files = store.read_table("files").num_rows
     n_segs = store.read_table("segments").num_rows
 
@@ -196,7 +197,7 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     assert all(v >= 0 for v in phases.values()) and phases["graph"] > 0
     assert sum(phases.values()) <= rec["counts"]["wall_s"] and rec["counts"]["commit_s"] <= phases["graph"]
     assert "  of which: listing " in report.render_text(report.collect(str(out), first.run_id))
-    store.write_run({**rec, "status": cm.RUN_RUNNING})
+    store.write_run({**rec, "status": RUN_RUNNING})
 
     assert cli_main(["status", str(out)]) == 0
     text = capsys.readouterr().out
@@ -207,7 +208,7 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     assert again.run_id == first.run_id and again.resumed
     assert again.processed == 0 and again.skipped == n_files
     assert store.read_table("segments").num_rows == n_segs
-    assert store.read_run(first.run_id)["status"] == cm.RUN_COMPLETED
+    assert store.read_run(first.run_id)["status"] == RUN_COMPLETED
     # a file no version lists cannot be told from a concurrent run's write in progress, so resume
     # leaves it; vacuum removes it (with a 0-hour retention here: nothing else writes to OUT)
     assert cli_main(["maintain", str(out), "--vacuum-hours", "0"]) == 0
@@ -257,7 +258,7 @@ def test_demo_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANDOM weights" in proc.stdout
     assert "completed" in proc.stdout and "error 1" in proc.stdout
-    store = cm.OutputStore(str(tmp_path / "demo" / "out"))
+    store = OutputStore(str(tmp_path / "demo" / "out"))
     files = store.read_table("files")
     assert files.num_rows == 6
     assert sorted(files["status"].to_pylist()).count("ok") == 5
@@ -276,8 +277,8 @@ def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
     import salmonn
     from pipelines import faults
     from pipelines.decode import FileInfo
+    from pipelines.driver import file_status
     from pipelines.infer import SalmonnPredictor
-    from pipelines.run import file_status
     from pipelines.stages import DecodeStage, ResultAssembler, info_to_struct
     from schemas import stage as cols
 

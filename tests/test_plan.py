@@ -17,13 +17,14 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from pipelines import commit as cm
 from pipelines.config import PipelineConfig, config_hash_of
 from pipelines.decode import DecodeOptions
 from pipelines.ops import commands as cli_ops
 from pipelines.ops import plan
+from pipelines.output import CommittedFile, Committer, OutputStore, utcnow
 from pipelines.sources import list_inputs
 from salmonn import builtin_task
+from schemas.vocabulary import RUN_COMPLETED
 
 RATE = 16000
 
@@ -121,16 +122,16 @@ def archive(tmp_path):
     earlier = {"a.wav": ("ok", None, chash), "b.wav": ("ok", None, chash), "c.wav": ("ok", None, "0ldc0nf1g0000000"),
                "sub/d.wav": ("error", "read_error", chash), "e.wav": ("error", "invalid_data", chash)}
     run = "20260101T000000Z-aaaaaa"
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     files = pa.Table.from_pylist([{
         "file_id": refs[n].file_id, "uri": refs[n].uri, "size_bytes": refs[n].size_bytes, "mtime": refs[n].mtime,
         "status": st, "error_type": et, "duration_s": durations[n] if st == "ok" else None,
-        "n_segments": 1 if st == "ok" else 0, "run_id": run, "config_hash": h, "processed_at": cm.utcnow(),
+        "n_segments": 1 if st == "ok" else 0, "run_id": run, "config_hash": h, "processed_at": utcnow(),
     } for n, (st, et, h) in earlier.items()], schema=schemas.FILES)
-    entries = [cm.CommittedFile(refs[n].file_id, refs[n].uri, refs[n].version, h, st, et, run, 0)
+    entries = [CommittedFile(refs[n].file_id, refs[n].uri, refs[n].version, h, st, et, run, 0)
                for n, (st, et, h) in earlier.items()]
-    cm.Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), entries)
-    store.write_run({"run_id": run, "status": cm.RUN_COMPLETED, "config_hash": chash})
+    Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), entries)
+    store.write_run({"run_id": run, "status": RUN_COMPLETED, "config_hash": chash})
     # since then: b.wav re-recorded (longer), two new files
     write_wav(audio / "b.wav", 6.0, seed=10)
     os.utime(audio / "b.wav", ns=(os.stat(audio / "b.wav").st_atime_ns, os.stat(audio / "b.wav").st_mtime_ns + 10**9))
@@ -192,13 +193,13 @@ def test_header_probe_is_exact_and_reads_only_headers(archive):
 
 def test_second_plan_after_everything_committed_has_nothing_to_do(archive):
     cfg, chash, audio, out = archive
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     refs = list_inputs(str(audio))
     run = "20260102T000000Z-bbbbbb"
     files = pa.Table.from_pylist([{"file_id": r.file_id, "uri": r.uri, "status": "ok", "run_id": run, "duration_s": 1.0,
                                    "size_bytes": r.size_bytes} for r in refs], schema=schemas.FILES)
-    cm.Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), [
-        cm.CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run, 0) for r in refs])
+    Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), [
+        CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run, 0) for r in refs])
     p = plan.make_plan(cfg, task_names=["caption"], chash=chash, probe="never")
     assert p.count("unchanged") == 7 and p.todo == [] and p.gpu_hours == 0.0
     # a changed config makes every file config_changed, each with its measured duration

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import commit as cm
 from pipelines.decode import DecodeOptions
+from pipelines.output import OutputStore, committed_seq
 from pipelines.run import PipelineConfig, run_pipeline
 from pipelines.synth import noise, speech_like, tone, write_audio
+from schemas.vocabulary import RUN_COMPLETED, RUN_RUNNING
 from tests.driver_kill import CLI, kill_driver_when
 from tests.faulty_proxy import FaultyProxy
 
@@ -39,12 +40,12 @@ def make_clips(directory: Path, n: int, seconds: float = 3.0, fmt: str = "flac",
     return paths
 
 
-def segment_keys(store: cm.OutputStore) -> list[tuple[str, int, str]]:
+def segment_keys(store: OutputStore) -> list[tuple[str, int, str]]:
     segs = store.read_table("segments")
     return list(zip(segs["file_id"].to_pylist(), segs["segment_index"].to_pylist(), segs["task"].to_pylist()))
 
 
-def assert_exactly_once(store: cm.OutputStore, n_files: int, n_tasks: int = 3) -> None:
+def assert_exactly_once(store: OutputStore, n_files: int, n_tasks: int = 3) -> None:
     files = store.read_table("files")
     assert sorted(collections.Counter(files["file_id"].to_pylist()).values()) == [1] * n_files
     keys = segment_keys(store)
@@ -72,7 +73,7 @@ def test_incremental_runs(tmp_path, ray_local):
     third = run_pipeline(cfg)
     assert (third.processed, third.skipped) == (2, 11)
 
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     # rows each run wrote (the first run's as of its last commit, through Delta's time travel):
     # 12 + the changed one again + the new one
     written = [store.read_run_rows("files", run).num_rows for run in (first.run_id, third.run_id)]
@@ -98,18 +99,18 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     first_commit = str(out / "files" / "_delta_log" / f"{1:020d}.json")
     kill_driver_when(cmd, lambda: bool(glob.glob(first_commit)), env=env, timeout_s=240,
                      what="its first commit", poll_s=0.2)
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == cm.RUN_RUNNING, "the kill landed after the run had finished"
+    assert store.read_run(run_id)["status"] == RUN_RUNNING, "the kill landed after the run had finished"
     committed_before = set(store.read_table("files")["file_id"].to_pylist())
     assert 0 < len(committed_before) < 10
-    assert 1 <= store.committed_seq(run_id) <= len(committed_before)
+    assert 1 <= committed_seq(store, run_id) <= len(committed_before)
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
     rec = store.read_run(run_id)
-    assert rec["status"] == cm.RUN_COMPLETED and len(rec["resumes"]) == 1
+    assert rec["status"] == RUN_COMPLETED and len(rec["resumes"]) == 1
     assert store.list_runs() == [run_id]
     assert_exactly_once(store, 10)
     # only the files not committed before the kill were processed again
@@ -136,7 +137,7 @@ def test_worker_crashes_are_survived(tmp_path, ray_local):
     assert sorted(n.split("-")[0] for n in os.listdir(markers)) == ["decode", "infer"]
     assert summary.status == "completed"
     assert (summary.ok, summary.error) == (8, 1)
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     files = {r["uri"].rsplit("/", 1)[-1]: r for r in store.read_table("files").to_pylist()}
     assert files["poison.flac"]["status"] == "error"
     assert files["poison.flac"]["error_type"] == "worker_crash"
@@ -165,7 +166,7 @@ def test_flaky_s3_endpoint(tmp_path, s3_server, ray_local):
     # a third or more of all requests were answered 503 or stalled past the read timeout
     assert proxy.failures >= 5 and proxy.stalls >= 1, (proxy.requests, proxy.failures, proxy.stalls)
     assert (summary.ok, summary.error) == (6, 0), summary.format()
-    assert_exactly_once(cm.OutputStore(str(tmp_path / "out")), 6)
+    assert_exactly_once(OutputStore(str(tmp_path / "out")), 6)
 
 
 def _free_port() -> int:
@@ -224,9 +225,9 @@ def test_ray_job_submit_on_a_local_cluster(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == cm.RUN_COMPLETED
+    assert store.read_run(run_id)["status"] == RUN_COMPLETED
     assert_exactly_once(store, 4)
     assert store.read_table("files")["status"].to_pylist() == ["ok"] * 4
 
@@ -251,7 +252,7 @@ def test_secret_never_written(tmp_path, s3_server):
            "--out-storage-option", "auto_mkdir=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     assert store.read_table("files").num_rows == 4
     assert SENTINEL not in proc.stdout + proc.stderr
     scanned = 0

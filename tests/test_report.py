@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipelines import commit as cm
 from pipelines import stage_times
 from pipelines.ops import commands as cli_ops
 from pipelines.ops import report
+from pipelines.output import OutputStore
 from tests import ops_fixtures as fx
 
 
@@ -20,7 +20,7 @@ from tests import ops_fixtures as fx
 def out(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("report") / "out")
     fx.build_two_runs(path)
-    store = cm.OutputStore(path)
+    store = OutputStore(path)
     record = store.read_run(fx.RUN1)
     store.write_run({**record, stage_times.RECORD_KEY: STAGES})
     return path

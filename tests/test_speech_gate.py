@@ -263,7 +263,7 @@ def test_pipeline_run_gate_on_and_off(archive, ray_local, tmp_path):
     """run_pipeline on local Ray: the gate on writes speech_ratio per segment and speech_s per
     file and answers no_speech/silence rows; off, no VAD column is filled, every task of every
     window is generated, and the config hash is the one from before the gate."""
-    from pipelines.commit import OutputStore
+    from pipelines.output import OutputStore
     from pipelines.run import run_pipeline
 
     d, truth = archive

@@ -139,16 +139,16 @@ def test_a_file_whose_results_are_unusable_is_an_error_row_and_the_run_completes
     a pipeline_error row naming the reason, its neighbours are ok, the run exits 0."""
     import json
 
-    from pipelines import commit as cm
     from pipelines import faults
     from pipelines.cli import main as cli_main
+    from pipelines.output import OutputStore
 
     audio = _small_archive(tmp_path / "audio")
     monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "infer", "uri_contains": "clip2", "corrupt_kind": "bogus"}]))
     out = tmp_path / "out"
     assert cli_main(["run", str(audio), "--out", str(out), "--window-s", "2", "--tasks", "caption",
                      "--max-new-tokens", "2", "--no-progress", "--speech-gate", "off"]) == 0
-    files = {r["uri"].rsplit("/", 1)[-1]: r for r in cm.OutputStore(str(out)).read_table("files").to_pylist()}
+    files = {r["uri"].rsplit("/", 1)[-1]: r for r in OutputStore(str(out)).read_table("files").to_pylist()}
     assert sorted(files) == [f"clip{i}.flac" for i in range(4)]
     assert (files["clip2.flac"]["status"], files["clip2.flac"]["error_type"]) == ("error", "pipeline_error")
     assert "unknown result kind 'bogus'" in files["clip2.flac"]["error_message"]
@@ -162,9 +162,9 @@ def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resum
     without the fault resumes the run and completes it exactly once."""
     import json
 
-    from pipelines import commit as cm
     from pipelines import faults
     from pipelines.cli import main as cli_main
+    from pipelines.output import OutputStore
 
     audio = _small_archive(tmp_path / "audio")
     out = tmp_path / "out"
@@ -175,7 +175,7 @@ def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resum
     assert cli_main(args) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "salmonn-pipeline: error" in line]
     assert len(err) == 1 and "RuntimeError: disk is full" in err[0] and "Traceback" not in err[0]
-    store = cm.OutputStore(str(out))
+    store = OutputStore(str(out))
     (run_id,) = store.list_runs()
     rec = store.read_run(run_id)
     assert rec["status"] == "failed" and rec["error"] == "RuntimeError: disk is full"

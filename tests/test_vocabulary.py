@@ -6,7 +6,8 @@ import ast
 import re
 from pathlib import Path
 
-from pipelines import commit, decode
+from pipelines import decode
+from pipelines.output import ledger
 from schemas import vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def test_readme_lists_every_error_type_with_its_retry_flag():
 def test_stages_derive_their_error_types_from_the_vocabulary():
     assert set(decode.ERROR_TYPES) <= set(vocabulary.ERROR_TYPES)
     assert decode.ERROR_TYPES == vocabulary.error_types(vocabulary.DECODE)
-    assert commit.RETRYABLE_ERRORS == vocabulary.RETRYABLE_ERRORS
+    assert ledger.RETRYABLE_ERRORS == vocabulary.RETRYABLE_ERRORS
     assert "timeout" not in vocabulary.ERRORS  # nothing produces it
     assert "worker_crash" in vocabulary.ERRORS and not vocabulary.ERRORS["worker_crash"].retryable
     for e in vocabulary.ERRORS.values():

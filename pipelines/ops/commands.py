@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from pipelines.cli_args import add_run_args, config_from_args, parse_kv
-from pipelines.commit import MaintenanceBusy, OldLayoutError
+from pipelines.output import MaintenanceBusy, OldLayoutError
 from salmonn import weights
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_maintain(args: argparse.Namespace) -> int:
-    from pipelines.commit import OutputStore
+    from pipelines.output import OutputStore, maintain
 
     if args.vacuum_hours is not None and args.vacuum_hours < 0:
         print("maintain: --vacuum-hours must be >= 0", file=sys.stderr)
         return 2
     store = OutputStore(args.out, _kv(args.storage_option, "--storage-option"))
     try:
-        report = store.maintain(vacuum_hours=args.vacuum_hours, target_size=args.target_mib * 2**20)
+        report = maintain(store, vacuum_hours=args.vacuum_hours, target_size=args.target_mib * 2**20)
     except (OldLayoutError, MaintenanceBusy) as e:
         print(f"maintain: {e}", file=sys.stderr)
         return 1
@@ -177,7 +177,7 @@ def cmd_maintain(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pipelines.commit import migrate
+    from pipelines.output import migrate
 
     result = migrate(args.out, _kv(args.storage_option, "--storage-option"))
     print(result.format(args.out))

@@ -37,8 +37,8 @@ from typing import Any
 
 import fsspec
 
-from pipelines import commit as cm
 from pipelines.labels import segment_label
+from pipelines.output import OutputStore
 from pipelines.sources import file_id_for
 from salmonn.text import clean_text
 
@@ -247,7 +247,7 @@ def latest_segments(out: str, task: str, *, where: str | None = None, run_id: st
     """uri -> the task's segments of the file's latest result, in time order."""
     import pyarrow.compute as pc
 
-    store = cm.OutputStore(out, storage_options)
+    store = OutputStore(out, storage_options)
     # the latest view; with run_id, that run's rows as of its last commit (Delta time travel)
     table = store.read_run_rows("segments", run_id) if run_id else store.read_table("segments")
     table = table.filter(pc.equal(table["task"], task))

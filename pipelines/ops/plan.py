@@ -44,8 +44,8 @@ import mutagen.mp4
 import mutagen.wave
 from fsspec.core import url_to_fs
 
-from pipelines import commit as cm
 from pipelines.config import config_hash_of, resolve_tasks
+from pipelines.output import CommittedFile, OutputStore, committed_ledger, is_done
 from pipelines.sources import extension, list_inputs
 
 log = logging.getLogger(__name__)
@@ -254,14 +254,14 @@ def n_windows(duration_s: float | None, window_s: float, hop_s: float) -> int:
     return 1 + max(0, math.ceil((duration_s - window_s) / hop_s - 1e-9))
 
 
-def classify(entry: cm.CommittedFile | None, version: str, chash: str) -> str:
+def classify(entry: CommittedFile | None, version: str, chash: str) -> str:
     if entry is None:
         return NEW
     if entry.version != version:
         return CHANGED
     if entry.config_hash != chash:
         return CONFIG_CHANGED
-    return UNCHANGED if cm.is_done(entry, version, chash) else RETRY
+    return UNCHANGED if is_done(entry, version, chash) else RETRY
 
 
 def default_throughput(model: str, n_tasks: int) -> tuple[float, str]:
@@ -296,8 +296,8 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
     list_s = time.monotonic() - t0
     out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
-    store = cm.OutputStore(cfg.out, out_so)
-    ledger = store.ledger()
+    store = OutputStore(cfg.out, out_so)
+    ledger = committed_ledger(store)
     previous = _previous_files(store) if ledger else {}
     kbps = calibrate_kbps(previous.values())
 
@@ -362,7 +362,7 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     return plan
 
 
-def _speech_measured(store: cm.OutputStore) -> tuple[float, float] | None:
+def _speech_measured(store: OutputStore) -> tuple[float, float] | None:
     """(speech h, audio h) of the committed files whose speech was measured (speech gate on)."""
     rows = store.read_table("files", columns=["speech_s", "duration_s"]).to_pylist()
     measured = [(r["speech_s"], r["duration_s"] or 0.0) for r in rows if r["speech_s"] is not None]
@@ -371,7 +371,7 @@ def _speech_measured(store: cm.OutputStore) -> tuple[float, float] | None:
     return sum(s for s, _ in measured) / 3600, sum(d for _, d in measured) / 3600
 
 
-def _previous_files(store: cm.OutputStore) -> dict[str, dict[str, Any]]:
+def _previous_files(store: OutputStore) -> dict[str, dict[str, Any]]:
     """uri -> latest committed files row (uri, size_bytes, duration_s, status)."""
     table = store.read_table("files", columns=["uri", "size_bytes", "duration_s", "status"])
     return {row["uri"]: row for row in table.to_pylist()}

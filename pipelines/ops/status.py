@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipelines import commit as cm
+from pipelines.output import TABLE_NAMES, OutputStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class RunStatus:
     error: str | None = None       # a failed run's one-line reason (run.json)
 
 
-def run_statuses(store: cm.OutputStore) -> list[RunStatus]:
+def run_statuses(store: OutputStore) -> list[RunStatus]:
     runs = store.list_runs()
     files_dt = store.table("files")
     files = store.read_table("files", columns=["run_id", "status", "error_type", "duration_s"])
@@ -55,7 +55,7 @@ def run_statuses(store: cm.OutputStore) -> list[RunStatus]:
 
 
 def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    store = cm.OutputStore(out, storage_options)
+    store = OutputStore(out, storage_options)
     runs = run_statuses(store)
     if not runs:
         return f"{out}: no runs"
@@ -76,7 +76,7 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
     c = collections.Counter(latest["status"].to_pylist())
     lines.append(f"latest view: {latest.num_rows} files ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})")
     tables = []
-    for name in cm.TABLE_NAMES[::-1]:
+    for name in TABLE_NAMES[::-1]:
         dt_ = store.table(name)
         if dt_ is None:
             continue
