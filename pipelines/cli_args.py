@@ -14,6 +14,7 @@ from typing import Any
 
 import salmonn
 from pipelines.config import (
+    ENGINES,
     MODEL_OPTIONS,
     ConfigError,
     PipelineConfig,
@@ -110,6 +111,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE",
                    help="model loading option, e.g. whisper_path=/models/whisper-large-v2 (repeatable); "
                         f"keys: {', '.join(MODEL_OPTIONS)}")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="generation engine: hf (transformers generate, static batches), vllm (vLLM from "
+                        "prompt embeddings, continuous batching; pip install -e '.[vllm]'), auto (default: "
+                        "vllm where it is installed and the inference actors have GPUs, else hf)")
     p.add_argument("--lora-scale", type=float, help="LoRA scale for all tasks (official 4.0; ~2.0 = 'activation')")
     p.add_argument("--num-beams", type=int, help="beams for all tasks (1 = greedy, official 4)")
     p.add_argument("--max-new-tokens", type=int, help="max new tokens for all tasks (official 200)")
@@ -187,7 +192,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
         fresh=args.fresh, progress=not args.no_progress, speech_gate=args.speech_gate == "on",
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
-        stall_timeout_s=args.stall_timeout_s,
+        stall_timeout_s=args.stall_timeout_s, engine=args.engine,
     )
     check_inputs(cfg)
     return cfg

@@ -48,6 +48,13 @@ MODEL_OPTIONS: dict[str, str] = {
     "numerics": f"one of {', '.join(NUMERICS)}",
 }
 
+# Generation engines (DESIGN.md "Generation engines"): "hf" (transformers generate, static batches;
+# the exact reference), "vllm" (vLLM from prompt embeddings, continuous batching; needs the vllm
+# package on the inference workers), "auto" (vllm where it is installed and the inference actors
+# have GPUs, else hf). Both give the same tokens in fp32, so the engine is not part of the config
+# hash: switching engines does not reprocess an archive.
+ENGINES = ("auto", "hf", "vllm")
+
 # GenerationSettings fields with the rule each value must satisfy.
 _SETTING_RULES: dict[str, tuple[type, str]] = {
     "max_new_tokens": (int, "an integer >= 1"),
@@ -96,6 +103,7 @@ class PipelineConfig:
     progress: bool = True
     runtime_env: Mapping[str, Any] | None = None
     stall_timeout_s: float | None = None         # no result this long fails the run; None: pipelines.watchdog's default
+    engine: str = "auto"                         # generation engine (ENGINES); resolved per pass (resolve_engine)
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, list):
@@ -141,6 +149,8 @@ class PipelineConfig:
         _finite("--speech-threshold", self.speech_threshold, minimum=0.0)
         if self.speech_threshold > 1:
             raise ConfigError(f"--speech-threshold: a share of the window, in [0, 1], got {self.speech_threshold!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.address is not None and not (isinstance(self.address, str) and self.address.strip()):
             raise ConfigError(f"--address: must be 'auto' or HOST:PORT, got {self.address!r}")
         if self.resume_run_id is not None:
@@ -246,6 +256,23 @@ def decode_options(**fields: Any) -> DecodeOptions:
         if sep and name in fields:
             raise ConfigError(f"--{name.replace('_', '-')}: {rest}") from e
         raise ConfigError(f"decode options: {_one_line(e)}") from e
+
+
+def vllm_installed() -> bool:
+    """Whether this Python can import vLLM (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(engine: str, *, on_gpu: bool, vllm_available: bool | None = None) -> str:
+    """The engine a pass's inference actors run: ``engine`` unless it is "auto", which is "vllm"
+    where vLLM is installed (on the driver: the workers run the same image) and the actors have
+    GPUs, else "hf" (vLLM's CPU build is for tests; HF is the reference)."""
+    if engine != "auto":
+        return engine
+    available = vllm_installed() if vllm_available is None else vllm_available
+    return "vllm" if on_gpu and available else "hf"
 
 
 def resolve_tasks(tasks: Sequence[Task]) -> tuple[Task, ...]:
