@@ -1,10 +1,10 @@
 # salmonn-pipeline on Ray 2.60 (Python 3.11). One Dockerfile, two images of the same project:
 #
-#   GPU workers (SALMONN inference), the default base:
+#   GPU workers (SALMONN inference, with the vLLM engine), the default base and lock:
 #     docker build -t registry.example.com/salmonn-pipeline:0.1.0-gpu .
-#   CPU decode workers and the head (the driver runs there):
+#   CPU decode workers and the head (the driver runs there), without vLLM:
 #     docker build --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-cpu \
-#       -t registry.example.com/salmonn-pipeline:0.1.0-cpu .
+#       --build-arg LOCK=docker/requirements.txt -t registry.example.com/salmonn-pipeline:0.1.0-cpu .
 #
 # rayproject/ray's "-gpu" tag is an alias of its default CUDA 12 image; pin a "-cuXXX" tag
 # instead for reproducible builds. torch comes from the pinned requirements with its own CUDA
@@ -17,9 +17,12 @@
 ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${BASE_IMAGE}
 
-# The pinned runtime dependencies first: this layer changes only with docker/requirements.txt.
-COPY --chown=ray:users docker/requirements.txt /opt/salmonn-pipeline/docker/requirements.txt
-RUN python -m pip install --no-cache-dir -r /opt/salmonn-pipeline/docker/requirements.txt
+# The pinned runtime dependencies first: this layer changes only with the lock. The GPU image's
+# (docker/requirements-gpu.txt) adds the [vllm] extra, whose vllm pins torch 2.14.0; the CPU
+# image's (docker/requirements.txt) is the plain project (docker/make_lock.py writes both).
+ARG LOCK=docker/requirements-gpu.txt
+COPY --chown=ray:users ${LOCK} /opt/salmonn-pipeline/docker/requirements.lock
+RUN python -m pip install --no-cache-dir -r /opt/salmonn-pipeline/docker/requirements.lock
 
 # The project itself, without dependencies (all pinned above). /opt/salmonn-pipeline is also the
 # working_dir of the KubeRay jobs' runtime env (jobs/nightly/*.yaml).

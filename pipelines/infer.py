@@ -12,12 +12,24 @@ failed attempts per actor instead of an error row or a retry storm on every batc
 Failure policy: a failing batch is retried once, then split in halves recursively to isolate the
 window that fails; that window becomes a ``window_error`` row (its file is then marked by the
 driver), the rest of the batch gets its results. Nothing raises out of ``__call__`` for bad input.
+
+Engines (``salmonn.engines``): the encoders always run here in torch; the answers come from the
+``hf`` engine (transformers ``generate``, static batches) or the ``vllm`` engine (vLLM from prompt
+embeddings, continuous batching). With vLLM the actor runs two batches at once (Ray Data's
+``max_concurrent_calls_per_actor``, ``CONCURRENT_BATCHES``): while one batch's answers are being
+generated the next batch is encoded and its requests join the same running engine, so the engine
+does not idle between Ray Data batches. An engine that dies (``salmonn.EngineDeadError``) takes
+its actor with it: Ray restarts the actor, with a new engine, and retries the batch, and the
+attempt ledger bounds how often one batch may do that (as for any worker crash).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +42,10 @@ from schemas import stage as st
 from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE, INFERENCE_ERROR, WORKER_CRASH
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("hf", "vllm")   # what a predictor runs (``pipelines.config.resolve_engine`` picks for "auto")
+CONCURRENT_BATCHES = {"hf": 1, "vllm": 2}   # Ray Data batches one inference actor runs at once
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowIn:
@@ -76,27 +92,57 @@ class SalmonnPredictor:
     def __init__(self, model: str = "tiny", tasks: Sequence[Any] | None = None, *,
                  device: str | None = None, model_options: dict[str, Any] | None = None,
                  ledger: AttemptLedger | None = None, max_attempts: int = 2,
-                 speech_threshold: float | None = None):
+                 speech_threshold: float | None = None, engine: str = "hf",
+                 engine_options: dict[str, Any] | None = None):
         import torch
 
         import salmonn
 
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.model = salmonn.load_model(model, device=device, **(model_options or {}))
-        self.model.eval()
         self.tasks = list(tasks) if tasks is not None else list(salmonn.default_tasks())
+        # With vLLM generating, the torch model needs its LLM only for the prompt's input
+        # embeddings (a 13B LLM is not held twice on the GPU), unless a task may run on the HF
+        # engine inside VllmEngine: beam search (vLLM's takes no embeddings) and, under vLLM's
+        # newer model runner, a repetition penalty (salmonn.engines.vllm).
+        hf_tasks = any(t.settings.num_beams > 1 or t.settings.repetition_penalty != 1.0 for t in self.tasks)
+        llm = "embeddings" if engine == "vllm" and not hf_tasks and model != "tiny" else "full"
+        self.model = salmonn.load_model(model, device=device, llm=llm, **(model_options or {}))
+        self.model.eval()
         self.model_id = self.model.model_id
+        self.engine_name = engine
+        self.engine = self._build_engine(engine, dict(engine_options or {}))
         self.ledger = ledger
         self.max_attempts = max_attempts
+        self._lock = threading.Lock()         # counters below: two batches may run at once (vLLM)
         self.windows_encoded = 0   # encoder passes (one per window) — for tests and stats
         self.max_windows: int | None = None   # windows run at once; set when memory ran out
         self.speech_threshold = speech_threshold
         self.generations_skipped = 0          # (window, task) rows the speech gate answered
         self.controls_dropped = 0             # control characters removed from answers (salmonn.text)
-        log.info("SALMONN predictor ready: model %s on %s, tasks %s",
-                 self.model_id, device, [t.name for t in self.tasks])
+        log.info("SALMONN predictor ready: model %s on %s, engine %s, tasks %s",
+                 self.model_id, device, engine, [t.name for t in self.tasks])
+
+    def _build_engine(self, engine: str, options: dict[str, Any]) -> Any:
+        from salmonn import engines
+
+        if engine == "hf":
+            return engines.HfEngine(self.model)
+        from salmonn.checkpoint import save_llm
+
+        if not self.device.startswith("cuda"):
+            # vLLM's CPU build in this process: it starts in ~4 s instead of ~20 s, an error keeps
+            # its message, and no worker process is spawned from inside a Ray actor
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if options.get("llm_path") is None and self.model.config.llm_path is None:
+            # a model built in memory (the tiny preset): vLLM loads its LLM from a directory
+            self._llm_dir = tempfile.TemporaryDirectory(prefix="salmonn-llm-")
+            options["llm_path"] = str(save_llm(self.model, self._llm_dir.name))
+        scales = sorted({float(t.settings.lora_scale) for t in self.tasks})
+        return engines.VllmEngine(self.model, lora_scales=scales, **options)
 
     # -- Ray Data batch interface ---------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -138,12 +184,14 @@ class SalmonnPredictor:
         try:
             return self._run(windows)
         except Exception as first:  # noqa: BLE001 - any failure of a batch is handled below
+            self._exit_if_engine_dead(first)
             log.warning("inference batch of %d windows failed (%s: %s); retrying once",
                         len(windows), type(first).__name__, first)
             self._after_failure()
         try:
             return self._run(windows)
         except Exception as second:  # noqa: BLE001
+            self._exit_if_engine_dead(second)
             if len(windows) == 1:
                 return [self._error_row(windows[0], second)]
             log.warning("retry failed (%s); splitting the batch to isolate the bad window", second)
@@ -154,11 +202,24 @@ class SalmonnPredictor:
         try:
             return self._run(windows)
         except Exception as e:  # noqa: BLE001
+            self._exit_if_engine_dead(e)
             self._after_failure()
             if len(windows) == 1:
                 return [self._error_row(windows[0], e)]
             mid = len(windows) // 2
             return self._isolate(windows[:mid]) + self._isolate(windows[mid:])
+
+    def _exit_if_engine_dead(self, err: BaseException) -> None:
+        """A dead engine fails every later batch too: end this worker process so that Ray restarts
+        the actor with a new engine and retries the batch (the attempt ledger bounds the retries
+        of a batch that kills the engine each time). Isolating windows would only turn every
+        window of the run into an error row."""
+        import salmonn
+
+        if isinstance(err, salmonn.EngineDeadError):
+            log.error("the %s engine died (%s); exiting so that Ray restarts this actor", self.engine_name, err)
+            logging.shutdown()
+            os._exit(70)   # EX_SOFTWARE: an unexpected death is what makes Ray restart an actor
 
     def _after_failure(self) -> None:
         import torch
@@ -188,7 +249,8 @@ class SalmonnPredictor:
             except Exception as e:
                 if n == 1 or not salmonn.is_out_of_memory(e):
                     raise
-                self.max_windows = n // 2
+                with self._lock:
+                    self.max_windows = min(self.max_windows or n, n // 2)
                 log.warning("out of memory with %d windows at once (%s); running at most %d at a time "
                             "from now on", n, str(e).splitlines()[0][:200], self.max_windows)
                 self._after_failure()
@@ -198,6 +260,8 @@ class SalmonnPredictor:
 
     def _run_at_once(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         import torch
+
+        from salmonn.engines import Request
 
         faults.maybe_run_out_of_memory("infer", len(windows))
         for w in windows:
@@ -213,15 +277,21 @@ class SalmonnPredictor:
             with torch.inference_mode():
                 embeds = self.model.encode(torch.from_numpy(wave).to(self.device),
                                            torch.tensor(lengths, device=self.device))  # (B, Q, D)
-                self.windows_encoded += len(run)
-                if all(len(plan[i]) == len(self.tasks) for i in run):   # nothing gated among these
-                    out = self.model.generate_tasks(embeds, self.tasks)
-                    generations = {(i, name): gens[j] for name, gens in out.items() for j, i in enumerate(run)}
-                else:
-                    generations = self._generate_gated(embeds, run, plan)
+            # One request per (window, task) the speech gate lets through, task-major: the HF
+            # engine batches a task group's rows together, vLLM takes them all at once.
+            keys, requests = [], []
+            for task in self.tasks:
+                for j, i in enumerate(run):
+                    if task in plan[i]:
+                        keys.append((i, task.name))
+                        requests.append(Request(embeds[j], task.prompt, task.settings))
+            generations = dict(zip(keys, self.engine.generate(requests), strict=True))
         dropped = sum(g.dropped_controls for g in generations.values())
-        if dropped:
+        with self._lock:
+            self.windows_encoded += len(run)
             self.controls_dropped += dropped
+            self.generations_skipped += len(windows) * len(self.tasks) - len(generations)
+        if dropped:
             log.warning("dropped %d control character(s) from the answers of %d windows (byte-fallback tokens "
                         "decoded to NUL, form feed, ...; %d so far in this actor)", dropped, len(windows),
                         self.controls_dropped)
@@ -229,8 +299,6 @@ class SalmonnPredictor:
         for t, task in enumerate(self.tasks):
             for i, w in enumerate(windows):
                 g = generations.get((i, task.name))
-                if g is None:
-                    self.generations_skipped += 1
                 rows.append({
                     "kind": st.KIND_SEGMENT, "file_id": w.file_id, "uri": w.uri, "segment_index": w.segment_index,
                     "start_s": w.start_s, "end_s": w.end_s, "task": task.name, "prompt": task.prompt,
@@ -255,27 +323,3 @@ class SalmonnPredictor:
         if w.speech_ratio is None or w.speech_ratio >= self.speech_threshold:
             return self.tasks
         return [t for t in self.tasks if not t.needs_speech]
-
-    def _generate_gated(self, embeds: Any, run: list[int], plan: list[list[Any]]) -> dict[tuple[int, str], Any]:
-        """``generate_tasks`` where each task runs on its own subset of the encoded windows: tasks
-        with equal settings still share one batched generate call, of only the rows they need."""
-        import torch
-
-        groups: dict[Any, list[Any]] = {}
-        for task in self.tasks:
-            groups.setdefault(task.settings, []).append(task)
-        out: dict[tuple[int, str], Any] = {}
-        for settings, group in groups.items():
-            keys, index, prompts = [], [], []
-            for task in group:
-                for j, i in enumerate(run):
-                    if task in plan[i]:
-                        keys.append((i, task.name))
-                        index.append(j)
-                        prompts.append(task.prompt)
-            if not keys:
-                continue
-            rows = embeds.index_select(0, torch.tensor(index, device=embeds.device))   # (R, Q, D)
-            for key, g in zip(keys, self.model.generate(rows, prompts, settings), strict=True):
-                out[key] = g
-        return out

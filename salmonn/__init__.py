@@ -23,6 +23,7 @@ _EXPORTS = {
         "convert_to_safetensors",
         "count_parameters",
         "load_salmonn_checkpoint",
+        "save_llm",
     ),
     "config": (
         "BEATS_FILE",
@@ -38,8 +39,9 @@ _EXPORTS = {
         "WhisperDims",
         "config_from_parts_dir",
     ),
+    "engines": ("Engine", "HfEngine", "Request", "VllmEngine"),
     "load": ("load_model", "model_id_for"),
-    "model": ("Generation", "Precision", "Salmonn", "is_out_of_memory", "resolve_precision"),
+    "model": ("EngineDeadError", "Generation", "Precision", "Salmonn", "is_out_of_memory", "resolve_precision"),
     "prompts": ("BUILTIN_TASKS", "OFFICIAL_PROMPTS", "TEMPLATE", "Task", "builtin_task", "default_tasks"),
     "tiny": ("build_tiny", "write_tiny_parts"),
 }

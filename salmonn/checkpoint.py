@@ -35,7 +35,7 @@ from torch import nn
 
 from .beats import Beats
 from .config import BeatsConfig, LlmDims, LoraDims, QformerDims, SalmonnConfig, WhisperDims
-from .model import Salmonn, place, resolve_precision
+from .model import Salmonn, lora_layers, place, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +340,55 @@ def load_llm(directory: Path | str, *, device, dtype: torch.dtype, attn_implemen
     return llm.to(device).eval().requires_grad_(False)
 
 
+def load_llm_embeddings(directory: Path, *, device, dtype: torch.dtype):
+    """LlamaForCausalLM whose input-embedding table alone is real: the decoder layers, the norm
+    and the LM head stay on the meta device (no memory). Enough to build prompt embeddings for
+    an engine that holds the LLM itself (vLLM); reads only `model.embed_tokens.weight`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = _read_prefixed(_hf_weight_files(directory), ("model.embed_tokens.",))
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(LlamaConfig.from_pretrained(directory))
+    _materialise(llm.model.embed_tokens, state, f"LLM input embeddings ({directory})")
+    llm.model.embed_tokens.to(device=device, dtype=dtype)
+    clean_generation_config(llm)
+    return llm.eval().requires_grad_(False)
+
+
+def _download_llm(repo_id: str, config: SalmonnConfig) -> Path:
+    """Config, tokenizer and weights of a hub LLM (safetensors if the repo has them, else .bin)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "tokenizer.model"]
+    try:
+        directory = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "model*.safetensors*"]))
+        try:
+            _hf_weight_files(directory)
+        except FileNotFoundError:
+            directory = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "pytorch_model*.bin*"]))
+        return directory
+    except Exception as err:  # hub unreachable, offline, unknown id...
+        raise _hub_error("LLM", repo_id, config, err) from err
+
+
+def save_llm(model: Salmonn, directory: str | os.PathLike) -> Path:
+    """Write the model's base LLM (without LoRA) and its tokenizer as an HF directory, the form
+    vLLM loads (for models built in memory, such as `salmonn.tiny.build_tiny`)."""
+    from transformers import LlamaForCausalLM
+
+    if not model.has_full_llm:
+        raise ValueError("save_llm needs the full LLM (this model holds only its input embeddings)")
+    directory = Path(directory)
+    state = {k.replace(".base_layer.", "."): v for k, v in model.llm.state_dict().items() if ".lora_" not in k}
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(model.llm.config)
+    llm.load_state_dict(state, strict=True, assign=True)
+    llm.generation_config = model.llm.generation_config
+    llm.save_pretrained(directory)
+    model.tokenizer.save_pretrained(directory)
+    return directory
+
+
 def clean_generation_config(llm: Any) -> None:
     """Keep only the special-token ids of the LLM's own generation config (Vicuna's carries
     sampling defaults); every decode setting comes from GenerationSettings."""
@@ -405,14 +454,27 @@ def lora_dims_from_state_dict(state: Mapping[str, torch.Tensor], base: LoraDims)
     return dataclasses.replace(base, r=found[0][1][0], targets=targets)
 
 
+LLM_PARTS = ("full", "embeddings")
+
+
 def build_salmonn(
-    config: SalmonnConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    config: SalmonnConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    llm: str = "full",
 ) -> Salmonn:
     """Load a full model from the part files named by `config`.
 
     device: default CUDA if available, else CPU. dtype: overrides the config's numerics
     (default bf16 on CUDA, fp32 on CPU; numerics='official' fixes its own dtypes).
+    llm: "full", or "embeddings": only the LLM's input-embedding table and the LoRA weights are
+    loaded, the decoder stays on the meta device (for a `salmonn.engines.VllmEngine`, which holds
+    the LLM itself: 26 GB less on the GPU for 13B). Such a model encodes and builds prompt rows
+    but cannot `generate`.
     """
+    if llm not in LLM_PARTS:
+        raise ValueError(f"llm must be one of {LLM_PARTS}, got {llm!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(config.numerics, device, dtype)
     # locate every local file before loading anything
@@ -431,9 +493,13 @@ def build_salmonn(
     beats = load_beats(beats_file, device=device, dtype=precision.encoder_dtype)
     logger.info("loading LLM from %s", llm_src)
     try:
-        llm = load_llm(
-            llm_src, device=device, dtype=precision.llm_dtype, attn_implementation=precision.attn_implementation
-        )
+        if llm == "embeddings":
+            llm_dir = llm_src if isinstance(llm_src, Path) else _download_llm(llm_src, config)
+            llm_model = load_llm_embeddings(llm_dir, device=device, dtype=precision.llm_dtype)
+        else:
+            llm_model = load_llm(
+                llm_src, device=device, dtype=precision.llm_dtype, attn_implementation=precision.attn_implementation
+            )
         tokenizer = load_tokenizer(llm_src)
     except OSError as err:  # transformers' "not found" for hub ids and broken directories
         raise _hub_error("LLM", str(llm_src), config, err) from err
@@ -443,7 +509,7 @@ def build_salmonn(
             config,
             whisper=WhisperDims.from_hf(whisper.config),
             beats=beats.cfg,
-            llm=LlmDims.from_hf(llm.config),
+            llm=LlmDims.from_hf(llm_model.config),
             qformer=qformer_dims_from_state_dict(ckpt, config.qformer),
             lora=lora_dims_from_state_dict(ckpt, config.lora),
         )  # __post_init__ checks that the Q-Former's encoder width fits Whisper + BEATs
@@ -451,11 +517,16 @@ def build_salmonn(
         raise CheckpointError(
             f"parts do not fit together ({whisper_dir}, {beats_file}, {llm_src}, {ckpt_file}): {err}"
         ) from err
+    llama_model = wrap_lora(llm_model, derived.lora)
+    if llm == "embeddings":  # LoRA layers were made on the meta device too: give them storage to load into
+        for layer in lora_layers(llama_model):
+            layer.lora_A.to_empty(device=device)
+            layer.lora_B.to_empty(device=device)
     model = Salmonn(
         derived,
         speech_encoder=whisper,
         beats=beats,
-        llama_model=wrap_lora(llm, derived.lora),
+        llama_model=llama_model,
         tokenizer=tokenizer,
         precision=precision,
     )

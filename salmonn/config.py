@@ -329,6 +329,7 @@ _PRESETS: dict[str, SalmonnConfig] = {
     # Same structure and audio geometry (80 mels, 128 fbank bins, 16x16 patches, 1500 frames,
     # 17-frame windows, 88 queries), tiny widths. Random weights: outputs are meaningless.
     # Q-Former heads are 64 wide as in BERT, so the loader can derive heads = hidden // 64.
+    # LLM heads are 32 wide: vLLM's CPU attention takes head_dim in {32, 64, 80, ...}, not 16.
     "tiny": SalmonnConfig(
         name="tiny",
         model_id="tiny-random",
@@ -342,7 +343,7 @@ _PRESETS: dict[str, SalmonnConfig] = {
             encoder_attention_heads=2,
         ),
         qformer=QformerDims(layers=2, hidden=128, heads=2, ffn_dim=256, encoder_width=64 + 48),
-        llm=LlmDims(hidden=64, layers=2, heads=4, ffn_dim=128, vocab_size=512, initializer_range=0.3),
+        llm=LlmDims(hidden=64, layers=2, heads=2, ffn_dim=128, vocab_size=512, initializer_range=0.3),
     ),
 }
 

@@ -25,10 +25,13 @@ def load_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    llm: str = "full",
     **overrides: Any,
 ) -> Salmonn:
     """A ready model from a preset name ("tiny", "salmonn-13b", "salmonn-7b") or a parts directory.
 
+    `llm`: "full", or "embeddings" for a model whose LLM holds only its input embeddings (for a
+    `salmonn.engines.VllmEngine`; see `build_salmonn`). The in-memory "tiny" is always full.
     `overrides` are SalmonnConfig fields (numerics, weights_dir, checkpoint_path, ...).
     """
     if model == "tiny":
@@ -37,7 +40,7 @@ def load_model(
         config = dataclasses.replace(config_from_parts_dir(model), **overrides)
     else:
         config = SalmonnConfig.from_name(model, **overrides)
-    return build_salmonn(config, device=device, dtype=dtype)
+    return build_salmonn(config, device=device, dtype=dtype, llm=llm)
 
 
 def model_id_for(model: str) -> str:

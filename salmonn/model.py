@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,11 @@ from .qformer import WindowQformer
 from .text import clean_text
 
 logger = logging.getLogger(__name__)
+
+# Engines call the tokenizer from several threads (a vLLM engine's callers); a fast tokenizer
+# refuses concurrent use ("Already borrowed") when a call changes its settings. Held for
+# microseconds per prompt or answer.
+_TOKENIZER_LOCK = threading.Lock()
 
 FINISH_STOP = "stop"  # the model emitted EOS
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -91,9 +97,31 @@ def resolve_precision(numerics: str, device: torch.device | str, dtype: torch.dt
     return Precision(encoder_dtype=dtype, llm_dtype=dtype, lora_dtype=dtype)
 
 
+def finish_generation(tokenizer: Any, ids: Sequence[int], eos: int) -> Generation:
+    """A `Generation` from an engine's generated ids (EOS and what follows it cut off): every
+    engine decodes through here, so the same ids give the same text whichever engine made them."""
+    ids = list(ids)
+    if eos in ids:
+        ids, reason = ids[: ids.index(eos)], FINISH_STOP
+    else:
+        reason = FINISH_LENGTH
+    with _TOKENIZER_LOCK:
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    text, dropped = clean_text(decoded)
+    return Generation(text=text.strip(), token_ids=tuple(ids), finish_reason=reason, dropped_controls=dropped)
+
+
+class EngineDeadError(RuntimeError):
+    """A generation engine stopped working (its own fault, not a request's): every later call fails
+    too, so the process should build a new one (an actor is restarted). Never an out-of-memory
+    error in the sense of `is_out_of_memory`, even when running out of memory killed it."""
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an accelerator running out of memory (a batch too big for it), as
     opposed to a fault of the input or the model."""
+    if isinstance(err, EngineDeadError):
+        return False  # a smaller batch will not bring a dead engine back
     if isinstance(err, torch.OutOfMemoryError):
         return True
     text = str(err).lower()
@@ -117,11 +145,16 @@ def place(model: Salmonn, device: torch.device | str, precision: Precision) -> S
         model.speech_query_tokens.detach().to(device, precision.encoder_dtype), requires_grad=False
     )
     # LLM: cast parameters only. Module.to(dtype) would also round the fp32 rotary inv_freq
-    # buffer; and LoRA keeps its own dtype (fp32 in the official numerics).
+    # buffer; and LoRA keeps its own dtype (fp32 in the official numerics). Tensors left on the
+    # meta device (an embeddings-only LLM's layers) stay there.
     with torch.no_grad():
         for name, param in model.llama_model.named_parameters():
-            param.data = param.data.to(device, precision.lora_dtype if ".lora_" in name else precision.llm_dtype)
-    model.llama_model.to(device)  # buffers, dtype unchanged
+            if not param.is_meta:
+                param.data = param.data.to(device, precision.lora_dtype if ".lora_" in name else precision.llm_dtype)
+        for module in model.llama_model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if not buffer.is_meta:
+                    setattr(module, name, buffer.to(device))  # dtype unchanged
     return model.eval().requires_grad_(False)
 
 
@@ -162,6 +195,15 @@ class Salmonn(nn.Module):
     @property
     def model_id(self) -> str:
         return self.config.model_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 2
+
+    @property
+    def has_full_llm(self) -> bool:
+        """Whether the LLM has all its weights (False for an embeddings-only build)."""
+        return not any(p.is_meta for p in self.llama_model.parameters())
 
     @property
     def llm(self) -> Any:
@@ -216,33 +258,57 @@ class Salmonn(nn.Module):
         return embeds.reshape(x.shape[0], -1, embeds.shape[-1])  # (B, W*Q, D)
 
     # --- speech embeddings + prompts -> text --------------------------------------------------
+    def prompt_parts(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text embeddings around the speech rows for `prompt`: ((Lb, D), (La, D)).
+
+        [BOS] + tok("USER: <Speech>") before, tok("</Speech> {prompt}\\nASSISTANT:") after, each
+        text part tokenized on its own without special tokens (official prompt_wrap).
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer (meta-device build?)")
+        embed_tokens = self.llm.get_input_embeddings()
+        device = embed_tokens.weight.device
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 1
+        before, after = split_prompt(prompt)
+        with _TOKENIZER_LOCK:
+            ids_before = [bos, *self.tokenizer(before, add_special_tokens=False).input_ids]
+            ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
+        return (
+            embed_tokens(torch.tensor(ids_before, device=device)),  # (Lb, D)
+            embed_tokens(torch.tensor(ids_after, device=device)),  # (La, D)
+        )
+
+    @torch.inference_mode()
+    def prompt_rows(self, speech_embeds: torch.Tensor, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Each row's LLM input without padding: [(L_i, D)], the rows `prompt_inputs` pads.
+
+        Row i is prompt_parts(prompts[i])[0] + speech_embeds[i] (W*Q, D) + prompt_parts(prompts[i])[1];
+        each distinct prompt is tokenized and embedded once.
+        """
+        if speech_embeds.shape[0] != len(prompts):
+            raise ValueError(f"{speech_embeds.shape[0]} speech rows but {len(prompts)} prompts")
+        weight = self.llm.get_input_embeddings().weight
+        speech_embeds = speech_embeds.to(weight.device, weight.dtype)
+        parts = {prompt: self.prompt_parts(prompt) for prompt in dict.fromkeys(prompts)}
+        return [torch.cat([parts[p][0], speech, parts[p][1]]) for p, speech in zip(prompts, speech_embeds)]
+
     def prompt_inputs(self, speech_embeds: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM inputs (B, L, D) and attention mask (B, L), left-padded.
 
         Row i is [BOS] + tok("USER: <Speech>") + speech_embeds[i] + tok("</Speech> {prompt}\\nASSISTANT:"),
-        each text part tokenized on its own without special tokens (official prompt_wrap).
+        each text part tokenized on its own without special tokens (official prompt_wrap); the
+        same rows as `prompt_rows`, here padded on the left.
         """
-        if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer (meta-device build?)")
         if speech_embeds.shape[0] != len(prompts):
             raise ValueError(f"{speech_embeds.shape[0]} speech rows but {len(prompts)} prompts")
-        embed_tokens = self.llm.get_input_embeddings()
-        device, dtype = embed_tokens.weight.device, embed_tokens.weight.dtype
-        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 1
+        weight = self.llm.get_input_embeddings().weight
+        device, dtype = weight.device, weight.dtype
         # Rows that share a prompt share its text embeddings: tokenize and embed each distinct
         # prompt once, then fill all of its rows with a few indexed copies (no per-row loop).
         rows_of: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):
             rows_of.setdefault(prompt, []).append(i)
-        parts = {}
-        for prompt in rows_of:
-            before, after = split_prompt(prompt)
-            ids_before = [bos, *self.tokenizer(before, add_special_tokens=False).input_ids]
-            ids_after = self.tokenizer(after, add_special_tokens=False).input_ids
-            parts[prompt] = (
-                embed_tokens(torch.tensor(ids_before, device=device)),  # (Lb, D)
-                embed_tokens(torch.tensor(ids_after, device=device)),  # (La, D)
-            )
+        parts = {prompt: self.prompt_parts(prompt) for prompt in rows_of}
         n, s, d = speech_embeds.shape
         length = max(b.shape[0] + s + a.shape[0] for b, a in parts.values())
         embeds = torch.zeros(n, length, d, device=device, dtype=dtype)  # (B, L, D)
@@ -282,7 +348,7 @@ class Salmonn(nn.Module):
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        eos = tok.eos_token_id if tok.eos_token_id is not None else 2
+        eos = self.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
         beam = settings.num_beams > 1
         return GenerationConfig(
@@ -304,24 +370,39 @@ class Salmonn(nn.Module):
         speech_embeds: torch.Tensor,
         prompts: Sequence[str],
         settings: GenerationSettings = GenerationSettings(),
+        *,
+        exact_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """Answer prompts[i] about speech_embeds[i] (B, W*Q, D), all rows in one batched call."""
+        """Answer prompts[i] about speech_embeds[i] (B, W*Q, D), all rows in one batched call.
+
+        `exact_new_tokens` (benchmarks: answers of set lengths, the same on every engine): row i
+        generates exactly that many tokens, EOS suppressed (`settings.max_new_tokens` is ignored);
+        a row that is done waits, padded, for the batch's longest, as static batches do.
+        """
         if len(prompts) == 0:
             return []
+        if not self.has_full_llm:
+            raise RuntimeError("this model's LLM holds only its input embeddings (llm='embeddings'): "
+                               "generate with a VllmEngine, or load the full LLM")
         embeds, mask = self.prompt_inputs(speech_embeds, prompts)
         config = self._generation_config(settings)
+        extra: dict[str, Any] = {}
+        if exact_new_tokens is not None:
+            if len(exact_new_tokens) != len(prompts) or min(exact_new_tokens) < 1:
+                raise ValueError("exact_new_tokens needs one length >= 1 per prompt")
+            config.max_new_tokens = max(exact_new_tokens)
+            config.suppress_tokens = [config.eos_token_id]   # rows stop at their length, never at EOS
+            extra["stopping_criteria"] = [_row_lengths(exact_new_tokens)]
         with self.lora_scale(settings.lora_scale), self._autocast():
-            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config, **extra)
         # with inputs_embeds only, HF returns just the new tokens: (B, <= max_new_tokens)
+        if exact_new_tokens is not None:
+            return [finish_generation(self.tokenizer, row[:n], -1)
+                    for row, n in zip(out.tolist(), exact_new_tokens, strict=True)]
         return [self._finish(row, config.eos_token_id) for row in out.tolist()]
 
     def _finish(self, ids: list[int], eos: int) -> Generation:
-        if eos in ids:
-            ids, reason = ids[: ids.index(eos)], FINISH_STOP
-        else:
-            reason = FINISH_LENGTH
-        text, dropped = clean_text(self.tokenizer.decode(ids, skip_special_tokens=True))
-        return Generation(text=text.strip(), token_ids=tuple(ids), finish_reason=reason, dropped_controls=dropped)
+        return finish_generation(self.tokenizer, ids, eos)
 
     def generate_tasks(self, speech_embeds: torch.Tensor, tasks: Sequence[Task]) -> dict[str, list[Generation]]:
         """Run every task on every row of speech_embeds (B, W*Q, D).
@@ -350,6 +431,21 @@ class Salmonn(nn.Module):
     ) -> dict[str, list[Generation]]:
         """encode once, then generate_tasks."""
         return self.generate_tasks(self.encode(waveforms, lengths), tasks)
+
+
+def _row_lengths(lengths: Sequence[int]) -> Any:
+    """A transformers stopping criterion: row i of the batch is done after `lengths[i]` new tokens
+    (with `inputs_embeds` only, the `input_ids` HF passes hold the new tokens alone)."""
+    from transformers import StoppingCriteria
+
+    class RowLengths(StoppingCriteria):
+        def __init__(self) -> None:
+            self.lengths = torch.tensor(list(lengths))
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            return input_ids.shape[1] >= self.lengths.to(input_ids.device)   # (B,) bool
+
+    return RowLengths()
 
 
 def join_streams(speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:

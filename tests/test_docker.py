@@ -24,7 +24,8 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
-LOCK = ROOT / "docker" / "requirements.txt"
+LOCK = ROOT / "docker" / "requirements.txt"            # the CPU image (head, decode workers)
+GPU_LOCK = ROOT / "docker" / "requirements-gpu.txt"    # the GPU image: the project + its [vllm] extra
 IN_IMAGE = "/opt/salmonn-pipeline"      # where the Dockerfile puts the project
 IMAGES = {"gpu": "registry.example.com/salmonn-pipeline:0.1.0-gpu",
           "cpu": "registry.example.com/salmonn-pipeline:0.1.0-cpu"}
@@ -52,9 +53,9 @@ def pip_installs() -> list[list[str]]:
     return [shlex.split(args) for word, args in instructions() if word == "RUN" and "pip install" in args]
 
 
-def lock_pins() -> dict[str, str]:
+def lock_pins(lock: Path = LOCK) -> dict[str, str]:
     pins = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not name==version: {line!r}"
@@ -75,8 +76,10 @@ def test_dockerfile_installs_the_lock_then_the_project():
     assert steps[1] == ("FROM", "${BASE_IMAGE}")
     deps, project = pip_installs()
     assert deps[:4] == ["python", "-m", "pip", "install"] and "--no-cache-dir" in deps
-    assert deps[deps.index("-r") + 1] == f"{IN_IMAGE}/docker/requirements.txt"
-    assert ("COPY", f"--chown=ray:users docker/requirements.txt {IN_IMAGE}/docker/requirements.txt") in steps
+    assert deps[deps.index("-r") + 1] == f"{IN_IMAGE}/docker/requirements.lock"
+    # the lock is a build argument: the GPU image's by default, the CPU image's named in the README
+    assert ("ARG", "LOCK=docker/requirements-gpu.txt") in steps
+    assert ("COPY", f"--chown=ray:users ${{LOCK}} {IN_IMAGE}/docker/requirements.lock") in steps
     assert project[:4] == ["python", "-m", "pip", "install"] and "--no-deps" in project and project[-1] == IN_IMAGE
     assert steps.index(("COPY", f"--chown=ray:users . {IN_IMAGE}")) < steps.index(("RUN", shlex.join(project)))
     text = DOCKERFILE.read_text().lower()
@@ -84,15 +87,18 @@ def test_dockerfile_installs_the_lock_then_the_project():
         assert fetch not in text, f"the image must not fetch weights ({fetch!r})"
 
 
-def test_lock_pins_every_runtime_dependency():
-    pins = lock_pins()
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+@pytest.mark.parametrize("lock", [LOCK, GPU_LOCK], ids=["cpu", "gpu"])
+def test_lock_pins_every_runtime_dependency(lock):
+    pins = lock_pins(lock)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + (project["optional-dependencies"]["vllm"] if lock == GPU_LOCK else [])
     for dep in map(Requirement, deps):
         name = canonicalize_name(dep.name)
-        assert name in pins, f"{dep.name} (pyproject.toml) is not pinned in docker/requirements.txt"
+        assert name in pins, f"{dep.name} (pyproject.toml) is not pinned in {lock.name}"
         assert dep.specifier.contains(pins[name], prereleases=True), \
-            f"docker/requirements.txt pins {dep.name}=={pins[name]}, pyproject.toml wants {dep}"
+            f"{lock.name} pins {dep.name}=={pins[name]}, pyproject.toml wants {dep}"
     assert canonicalize_name("salmonn-pipeline") not in pins
+    assert (canonicalize_name("vllm") in pins) == (lock == GPU_LOCK)
 
 
 def _pypi_reachable() -> str | None:
@@ -104,21 +110,22 @@ def _pypi_reachable() -> str | None:
 
 
 @pytest.mark.slow
-def test_the_locked_install_step_resolves(tmp_path):
+@pytest.mark.parametrize("lock", [LOCK, GPU_LOCK], ids=["cpu", "gpu"])
+def test_the_locked_install_step_resolves(tmp_path, lock):
     """The Dockerfile's dependency install, run by pip with --dry-run against the index: every pin
     exists for Python 3.11 on Linux and together they need nothing else."""
     unreachable = _pypi_reachable()
     if unreachable:
         pytest.skip(f"PyPI is unreachable from this machine ({unreachable}); the check needs the index")
     deps, _ = pip_installs()
-    args = [a.replace(IN_IMAGE, str(ROOT)) for a in deps[3:]]   # the same options, the repository's lock
+    args = [str(lock) if a == f"{IN_IMAGE}/docker/requirements.lock" else a for a in deps[3:]]   # the same options
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "pip", *args, "--dry-run", "--ignore-installed", "--quiet",
                            "--report", str(report)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     resolved = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
                 for i in json.loads(report.read_text())["install"]}
-    assert resolved == lock_pins(), "the lock is not closed: regenerate it with docker/make_lock.py"
+    assert resolved == lock_pins(lock), "the lock is not closed: regenerate it with docker/make_lock.py"
 
 
 def _dockerignore() -> list[str]:
@@ -171,7 +178,8 @@ def build_context() -> list[str]:
 
 def test_build_context_builds_the_package_and_carries_no_weights(tmp_path):
     files = build_context()
-    assert "docker/requirements.txt" in files and "pyproject.toml" in files and "README.md" in files
+    assert "docker/requirements.txt" in files and "docker/requirements-gpu.txt" in files
+    assert "pyproject.toml" in files and "README.md" in files
     assert not [f for f in files if f.startswith(("tests/", "benchmarks/", "docker/make_lock"))]
     assert not [f for f in files if f.endswith(WEIGHT_SUFFIXES)], "model weights in the build context"
     ctx = tmp_path / "context"
@@ -216,3 +224,4 @@ def test_job_manifests_use_the_built_images():
         build = [ln for ln in readme.splitlines() if ln.strip().startswith("docker build") and image in ln]
         assert build, f"no `docker build ... {image}` in the README"
         assert ("BASE_IMAGE=rayproject/ray:2.60.0-py311-cpu" in build[0]) == (kind == "cpu")
+        assert ("LOCK=docker/requirements.txt" in build[0]) == (kind == "cpu")   # the GPU image: the default
