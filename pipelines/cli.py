@@ -53,8 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: input not found: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:   # the run record says failed; the same command resumes it
-        print(f"{PROG}: error: {e} (traceback: {cfg.out.rstrip('/')}/_runs/{e.run_id}/error.txt; "
-              f"the same command resumes the run)", file=sys.stderr)
+        # (a run stopped by the removal guard changed nothing: the message names the flag to use)
+        again = ("nothing was written; rerun with the flag it names to go on" if e.message.startswith("TooManyRemovals")
+                 else "the same command resumes the run")
+        print(f"{PROG}: error: {e} (traceback: {cfg.out.rstrip('/')}/_runs/{e.run_id}/error.txt; {again})",
+              file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - before the run started (listing, output location)
         log.debug("run failed before it started", exc_info=True)

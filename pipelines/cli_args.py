@@ -161,6 +161,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-timeout-s", type=float,
                    help="fail the run when no result comes for this long (default: 15 min plus a bound on "
                         "one inference batch; see the README's cluster section)")
+    p.add_argument("--keep-removed", action="store_true",
+                   help="keep the rows of files the listing no longer returns (default: a file gone from "
+                        "the input's scope is removed from the tables; a directory or prefix covers "
+                        "everything under it, a glob what it matches, a single file itself, a manifest "
+                        "nothing: it names files, not a region, so it removes nothing)")
+    p.add_argument("--max-removed", type=float, default=0.1, metavar="SHARE",
+                   help="stop the run, before it changes anything, when it would remove more than this "
+                        "share of the indexed files in its scope (default 0.1; 1.0 allows all): an empty "
+                        "listing (wrong prefix, no credentials, unmounted volume) must not wipe an index")
     p.add_argument("--resume", metavar="RUN_ID", help="resume this run explicitly")
     p.add_argument("--fresh", action="store_true", help="never resume: start a new run")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -193,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         fresh=args.fresh, progress=not args.no_progress, speech_gate=args.speech_gate == "on",
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
         stall_timeout_s=args.stall_timeout_s, engine=args.engine,
+        keep_removed=args.keep_removed, max_removed=args.max_removed,
     )
     check_inputs(cfg)
     return cfg

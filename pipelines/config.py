@@ -104,6 +104,8 @@ class PipelineConfig:
     runtime_env: Mapping[str, Any] | None = None
     stall_timeout_s: float | None = None         # no result this long fails the run; None: pipelines.watchdog's default
     engine: str = "auto"                         # generation engine (ENGINES); resolved per pass (resolve_engine)
+    keep_removed: bool = False                   # keep the rows of files gone from the input's scope
+    max_removed: float = 0.1                     # a run removing more of its scope's indexed files stops
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, list):
@@ -149,6 +151,12 @@ class PipelineConfig:
         _finite("--speech-threshold", self.speech_threshold, minimum=0.0)
         if self.speech_threshold > 1:
             raise ConfigError(f"--speech-threshold: a share of the window, in [0, 1], got {self.speech_threshold!r}")
+        if not isinstance(self.keep_removed, bool):
+            raise ConfigError(f"--keep-removed: must be a bool, got {self.keep_removed!r}")
+        _finite("--max-removed", self.max_removed, minimum=0.0)
+        if self.max_removed > 1:
+            raise ConfigError(f"--max-removed: a share of the indexed files in scope, in [0, 1] (1.0 allows "
+                              f"removing all), got {self.max_removed!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.address is not None and not (isinstance(self.address, str) and self.address.strip()):
@@ -295,7 +303,8 @@ def config_hash_of(cfg: PipelineConfig) -> str:
     """Hash of what changes results: model, tasks and their settings, windowing.
 
     Not the schema version: a schema bump (a new derived column) must not reprocess an archive;
-    older parts are read through ``schemas.conform``.
+    older parts are read through ``schemas.conform``. Nor how the tables follow the archive
+    (``keep_removed``, ``max_removed``): they decide which rows stay, not what a file's rows are.
 
     The speech gate and pause cuts enter the hash only when they are on, so a run with both off
     has the hash (and the results) of a run from before they existed."""

@@ -21,8 +21,9 @@ import pyarrow as pa
 import pipelines
 import schemas
 from pipelines import faults, lifecycle
+from pipelines.decode import FileInfo
 from pipelines.labels import segment_label
-from pipelines.output import CommittedFile, Committer, utcnow
+from pipelines.output import CommittedFile, Committer, ReuseSource, utcnow
 from pipelines.sources import FileRef
 from pipelines.stages import CompleteFile, FailedFile, error_info
 from schemas.vocabulary import INFERENCE_ERROR, PIPELINE_ERROR, WORKER_CRASH
@@ -104,9 +105,12 @@ def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, c
         "run_id": run_id, "model_id": model_id, "config_hash": chash,
         "pipeline_version": pipelines.__version__, "processed_at": now,
         "speech_s": speech_seconds(d.segments), "audio_stream": info.audio_stream,
+        "content_hash": ref.content_key, "reused_from": d.reused_from,
     }], schema=schemas.FILES), schemas.FILES)
+    # a reused file's rows keep their label (copied); the predictor's rows get theirs here
     segs = schemas.conform(pa.Table.from_pylist(
-        [{**s, "run_id": run_id, "model_id": model_id, "label": segment_label(s["task"], s["text"])}
+        [{**s, "run_id": run_id, "model_id": model_id,
+          "label": s["label"] if "label" in s else segment_label(s["task"], s["text"])}
          for s in d.segments], schema=schemas.SEGMENTS), schemas.SEGMENTS)
     schemas.check_values("files", files)
     schemas.check_values("segments", segs)
@@ -117,6 +121,34 @@ def _file_tables(d: CompleteFile, ref: FileRef, *, run_id: str, model_id: str, c
 
 def error_file(ref: FileRef, error_type: str, message: str) -> CompleteFile:
     return CompleteFile(error_info(ref, error_type, message), [], {})
+
+
+# Reused files per commit (their rows are in memory already; a commit of new files is cheap).
+REUSE_BATCH = 1000
+
+# The segments columns a reused file's rows take from its source (file_id, uri, run_id and
+# model_id are the commit's).
+REUSED_SEGMENT_FIELDS = tuple(f.name for f in schemas.SEGMENTS if f.name not in ("file_id", "uri", "run_id",
+                                                                                  "model_id"))
+
+
+def reused_file(ref: FileRef, source: ReuseSource) -> CompleteFile:
+    """A file whose content is indexed under another URI, as a complete file: the source's
+    results (what decode found, every segment row with its text, timestamps, task, label and
+    speech ratio) under the file's own ``file_id`` and ``uri``; its files row records where they
+    came from (``reused_from``). Committed like any other file (:class:`CommitBuffer`).
+
+    The source's status, error type and message carry over (a ``partial`` file's content is as
+    partial under its new name); ``pipeline_version`` becomes this pipeline's, like every row a
+    run writes; the source's ``model_id`` equals this run's (the config hash covers the model)."""
+    f = source.file
+    info = FileInfo(file_id=ref.file_id, uri=ref.uri, status=f["status"], error_type=f["error_type"],
+                    error_message=f["error_message"], container=f["container"], codec=f["codec"],
+                    sample_rate_in=f["sample_rate_in"], channels_in=f["channels_in"], duration_s=f["duration_s"],
+                    n_segments=f["n_segments"] or 0, audio_stream=f["audio_stream"])
+    segments = [{"file_id": ref.file_id, "uri": ref.uri, **{k: s[k] for k in REUSED_SEGMENT_FIELDS}}
+                for s in source.segments]
+    return CompleteFile(info, segments, {}, reused_from=f["uri"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,33 @@ from typing import Any
 import pipelines
 import schemas
 from pipelines import lifecycle, stage_times, storage
-from pipelines.config import PipelineConfig, check_output, config_hash_of, model_id_for, resolve_tasks
-from pipelines.driver import CommitBuffer, Progress, error_file
-from pipelines.output import RUNS_DIR, Committer, OutputStore, committed_seq, new_run_id, pending, redact, utcnow
-from pipelines.sources import FileRef, list_inputs
+from pipelines.config import (
+    PipelineConfig,
+    check_output,
+    config_hash_of,
+    model_id_for,
+    resolve_engine,
+    resolve_tasks,
+)
+from pipelines.driver import REUSE_BATCH, CommitBuffer, Progress, error_file, reused_file
+from pipelines.output import (
+    RUNS_DIR,
+    Committer,
+    OutputStore,
+    ReuseSource,
+    check_removals,
+    committed_seq,
+    find_removals,
+    find_sources,
+    new_run_id,
+    pending,
+    redact,
+    reusable_sizes,
+    utcnow,
+)
+from pipelines.output.ledger import PENDING_COLUMNS
+from pipelines.output.mirror import NO_REMOVALS
+from pipelines.sources import ContentHasher, FileRef, KeyedRefs, list_archive
 from pipelines.stages import DecodeStage, ResultAssembler, refs_table
 from pipelines.watchdog import StallError, stall_timeout_s, watch_dataset
 from schemas.vocabulary import PIPELINE_ERROR, RUN_COMPLETED, RUN_FAILED, RUN_INTERRUPTED, RUN_RUNNING
@@ -56,6 +79,8 @@ class RunSummary:
     wall_s: float
     n_commits: int
     status: str
+    removed: int = 0      # files gone from the input's scope whose rows the run removed (all its attempts)
+    reused: int = 0       # files that took the results of the same content under another uri (all attempts)
 
     @property
     def audio_h_per_wall_h(self) -> float:
@@ -65,7 +90,8 @@ class RunSummary:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.error_types.items())) or "none"
         return (
             f"run {self.run_id} {self.status}{' (resumed)' if self.resumed else ''}: "
-            f"{self.n_inputs} inputs, {self.processed} processed, {self.skipped} skipped | "
+            f"{self.n_inputs} inputs, {self.processed} processed, {self.skipped} skipped, "
+            f"removed {self.removed}, reused {self.reused} | "
             f"ok {self.ok}, partial {self.partial}, error {self.error} (error types: {errs}) | "
             f"{self.audio_hours:.3f} audio h in {self.wall_s:.1f} s = "
             f"{self.audio_h_per_wall_h:.1f} audio-h per wall-h | {self.n_commits} commits -> {self.out}"
@@ -114,6 +140,9 @@ def _run_record(cfg: PipelineConfig, run_id: str, chash: str, status: str, **ext
         "storage_options": redact(cfg.storage_options),
         "out_storage_options": redact(cfg.out_storage_options) if cfg.out_storage_options is not None else None,
         "batch_size": cfg.batch_size,
+        "engine": cfg.engine,          # as asked; resources.engine: what each pass ran
+        "keep_removed": cfg.keep_removed,
+        "max_removed": cfg.max_removed,
         **extra,
     }
 
@@ -182,7 +211,7 @@ def start_ledger() -> RayAttemptLedger:
 
 
 MIN_OBJECT_STORE_BUDGET = 64 * 2**20   # bytes; below this Ray Data's own blocks would throttle it
-INFER_TASKS_IN_FLIGHT = 2              # Ray Data's default tasks in flight per actor (max_concurrency 1 x 2)
+INFER_TASKS_IN_FLIGHT = 2              # Ray Data's default tasks in flight per actor, per concurrent call
 GPU_BATCH_SIZE = 32   # windows per inference batch on a GPU actor (x tasks rows per generate)
 CPU_BATCH_SIZE = 8
 
@@ -197,6 +226,7 @@ class Resources:
     cpus_per_infer_actor: float
     batch_size: int
     cpus_per_decode_actor: float = 1.0
+    engine: str = "hf"           # the generation engine the inference actors run (config.resolve_engine)
 
 
 def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = None,
@@ -244,7 +274,18 @@ def plan_resources(cfg: PipelineConfig, cluster: Mapping[str, float] | None = No
     per_actor = max(0.01, min(1.0, math.floor(100 * surviving / (n_infer + 1)) / 100))
     n_decode = cfg.decode_actors or max(1, min(64, int(cpus - n_infer * per_actor)))
     batch_size = cfg.batch_size or (GPU_BATCH_SIZE if gpus_per > 0 else CPU_BATCH_SIZE)
-    return Resources(n_decode, n_infer, gpus_per, per_actor, batch_size, per_actor)
+    engine = resolve_engine(cfg.engine, on_gpu=gpus_per > 0)
+    return Resources(n_decode, n_infer, gpus_per, per_actor, batch_size, per_actor, engine)
+
+
+def engine_options(plan: Resources) -> dict[str, Any]:
+    """Settings of the vLLM engine each inference actor builds (``salmonn.engines.VllmEngine``):
+    an actor with several GPUs runs one engine over all of them (tensor parallelism, its workers
+    in processes of the actor's own, on the GPUs Ray gave it). Nothing for the HF engine."""
+    if plan.engine != "vllm":
+        return {}
+    tp = max(1, int(plan.gpus_per_infer_actor))
+    return {"tensor_parallel_size": tp, "engine_args": {"distributed_executor_backend": "mp"} if tp > 1 else None}
 
 
 def gpu_shortfall(plan: Resources, cluster: Mapping[str, float], stall_s: float | None) -> str | None:
@@ -268,7 +309,7 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipelines.infer import SalmonnPredictor
+    from pipelines.infer import CONCURRENT_BATCHES, SalmonnPredictor
 
     ctx = DataContext.get_current()
     # Ray restarts dead actors and retries their tasks without limit; the attempt ledger bounds
@@ -290,12 +331,13 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     # object-store bytes: the batches decode may have ready (prefetch) plus the ones each inference
     # actor holds in flight (Ray Data submits 2 per actor), doubled because Ray Data reserves about
     # half of the budget per operator and shares the rest.
-    ahead = (cfg.prefetch_batches + INFER_TASKS_IN_FLIGHT) * batch_size * plan.infer_actors
+    concurrent = CONCURRENT_BATCHES[plan.engine]   # batches one inference actor runs at once
+    ahead = (cfg.prefetch_batches + INFER_TASKS_IN_FLIGHT * concurrent) * batch_size * plan.infer_actors
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_OBJECT_STORE_BUDGET, 2 * ahead * cfg.decode.window_samples * 4))
-    log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each), batch %d, "
+    log.info("pass over %d files: %d decode actors, %d inference actors (%.2f GPU each, %s engine), batch %d, "
              "decode at most ~%d windows ahead", len(refs), plan.decode_actors, plan.infer_actors,
-             plan.gpus_per_infer_actor, batch_size, ahead)
+             plan.gpus_per_infer_actor, plan.engine, batch_size, ahead)
     stall_s = stall_timeout_s(cfg, tasks, batch_size, plan)
     shortfall = gpu_shortfall(plan, ray.cluster_resources(), stall_s)
     if shortfall:
@@ -305,6 +347,10 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
     # The pipeline's own switches (the test fault hook) reach the workers of this run only.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith("SALMONN_PIPELINE_")}
     stage_env = {"env_vars": env_vars} if env_vars else None
+    # ... and vLLM's own settings (VLLM_CPU_KVCACHE_SPACE, VLLM_ENABLE_V1_MULTIPROCESSING, ...) the
+    # inference actors that run it.
+    infer_vars = {**env_vars, **{k: v for k, v in os.environ.items() if k.startswith("VLLM_")}}
+    infer_env = {"env_vars": infer_vars} if infer_vars else None
     # One input block per file (up to 10,000 blocks), typed from the start (schemas.stage).
     refs_tbl = refs_table(refs)
     per_block = -(-len(refs) // 10_000)
@@ -331,14 +377,19 @@ def run_pass(cfg: PipelineConfig, refs: Sequence[FileRef], tasks: Sequence[Any],
         SalmonnPredictor,
         fn_constructor_kwargs={"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
                                "ledger": ledger, "max_attempts": cfg.crash_attempts,
-                               "speech_threshold": cfg.speech_threshold if cfg.speech_gate else None},
+                               "speech_threshold": cfg.speech_threshold if cfg.speech_gate else None,
+                               "engine": plan.engine, "engine_options": engine_options(plan)},
         batch_size=batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        compute=ActorPoolStrategy(size=plan.infer_actors),
+        # With vLLM two batches run at once in each actor (threads): the next one is encoded while
+        # the engine generates the answers of the one before, and its requests join the running
+        # engine, which never idles between Ray Data batches (pipelines.infer).
+        compute=ActorPoolStrategy(size=plan.infer_actors, max_concurrent_calls_per_actor=concurrent,
+                                  enable_true_multi_threading=concurrent > 1),
         num_gpus=plan.gpus_per_infer_actor,
         num_cpus=plan.cpus_per_infer_actor,
-        runtime_env=stage_env,
+        runtime_env=infer_env,
     )
     assembler = ResultAssembler([t.name for t in tasks])
     # No result for the stall timeout (a restarted actor with nowhere to run) raises StallError.
@@ -385,6 +436,14 @@ def _try(fn: Any, *args: Any) -> None:
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     """Run (or resume) the pipeline described by ``cfg``; returns the run's summary.
 
+    A run: list the inputs and their scope -> choose (or resume) the run -> the files to process
+    (the ledger) -> the indexed files gone from the scope, and the guard against a bad listing
+    (``--max-removed``: the run fails here, before anything is written to the tables) -> the
+    content keys of the files that may be copies of indexed ones -> the results they reuse (read
+    before any commit of this run) -> commit the removals -> commit the reused files -> process
+    the rest with Ray (not started when nothing is left). ``pipelines.output.mirror`` has the
+    rules.
+
     Bad input never raises (it becomes error rows). A failure of the run itself raises
     :class:`RunFailed` after writing ``failed`` and the one-line reason into the run record."""
     t0 = time.monotonic()
@@ -403,7 +462,8 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
 
     phases: dict[str, float] = {}     # driver wall time by phase, in the run record (counts.phases_s)
     t_phase = time.monotonic()
-    refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    listing = list_archive(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    refs = listing.refs
     phases["list"] = time.monotonic() - t_phase
     t_phase = time.monotonic()
     run_id, resumed_rec = choose_run(store, cfg, chash)
@@ -412,32 +472,96 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     if resumed_rec is not None:
         resumes.append(utcnow().isoformat())
         log.warning("resuming run %s (%d commits so far)", run_id, committed_seq(store, run_id))
+    earlier = (resumed_rec or {}).get("counts") or {}   # removed / reused count over all attempts
 
-    todo = pending(store, refs, chash)   # is_done for every file, against the files table
+    indexed = store.read_table("files", columns=["file_id", *PENDING_COLUMNS])   # one scan for both:
+    todo = pending(store, refs, chash, files=indexed)   # is_done for every file, against the files table
     skipped = len(refs) - len(todo)
     by_id = {r.file_id: r for r in refs}
+    removals = NO_REMOVALS if cfg.keep_removed else find_removals(store, listing.scope, refs, files=indexed)
+    mirror = {"scope": listing.scope.describe(), "indexed_in_scope": removals.indexed, "to_remove": len(removals)}
     store.write_run(_run_record(cfg, run_id, chash, RUN_RUNNING, started_at=started, resumes=resumes,
-                                n_inputs=len(refs), n_todo=len(todo), skipped=skipped))
-    committer = Committer(store, run_id)
-    committer.settle_in_flight(r.file_id for r in todo)
+                                n_inputs=len(refs), n_todo=len(todo), skipped=skipped, mirror=mirror))
     phases["ledger"] = time.monotonic() - t_phase
+    hasher = ContentHasher(max_bytes=cfg.decode.max_bytes)
+    keyed = KeyedRefs(by_id, hasher)      # refs with their content keys, as the commits need them
+    committer: Committer | None = None
+    buffers: list[CommitBuffer] = []      # the reused files' commits, then the processed files'
     progress = Progress(len(todo), cfg.progress)
-    buffer = CommitBuffer(committer, by_id, progress, run_id=run_id, model_id=model_id, chash=chash,
-                          flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
+    reuse_progress = Progress(0, False)
+    to_process = list(todo)
+    n_removed = 0
     times: list[dict[str, Any]] = list(resumed_rec.get(stage_times.RECORD_KEY, [])) if resumed_rec else []
     status = RUN_FAILED
     error: str | None = None
     resources: dict[str, Any] | None = None    # what the first pass planned (None: no Ray needed)
     stop = lifecycle.StopSignals()
+
+    def counts_so_far() -> dict[str, int]:
+        return {"removed": int(earlier.get("removed", 0)) + n_removed,
+                "reused": int(earlier.get("reused", 0)) + reuse_progress.done}
+
     try:
         stop.__enter__()   # SIGTERM / SIGINT -> Interrupted (restored in the finally below)
-        if todo:
+        check_removals(removals, cfg.max_removed)   # a bad listing fails the run before any commit
+        # Content keys: now for the files that may be copies (an indexed file of their size can be
+        # a source), to decide; the others' are hashed while Ray processes them, for their rows.
+        sizes = reusable_sizes(store, chash) if todo else set()
+        maybe_copies = [r for r in todo if r.size_bytes in sizes]
+        sources: dict[str, ReuseSource] = {}
+        if maybe_copies:
+            t_phase = time.monotonic()
+            hasher.submit(maybe_copies)
+            maybe_copies = [keyed[r.file_id] for r in maybe_copies]
+            phases["hash"] = time.monotonic() - t_phase
+            t_phase = time.monotonic()
+            sources = find_sources(store, maybe_copies, chash, n_tasks=len(tasks))   # before our commits
+            phases["reuse"] = time.monotonic() - t_phase
+        to_process = [r for r in todo if r.file_id not in sources]
+        hasher.submit(to_process)
+
+        committer = Committer(store, run_id)
+        # files of an interrupted removal that the listing returns again: processed again
+        todo_ids = {r.file_id for r in todo}
+        again = [by_id[i] for i in committer.in_flight_removal() if i in by_id and i not in todo_ids]
+        to_process += again
+        committer.settle_in_flight([*todo_ids, *(r.file_id for r in again)])
+        if removals.file_ids:
+            t_phase = time.monotonic()
+            with lifecycle.critical():   # a stop signal waits until both tables have the removal
+                committer.remove(removals.file_ids)
+            n_removed = len(removals)
+            phases["remove"] = time.monotonic() - t_phase
+        if sources:
+            t_phase = time.monotonic()
+            reuse_progress = Progress(len(sources), False)
+            reuse_buffer = CommitBuffer(committer, keyed, reuse_progress, run_id=run_id, model_id=model_id,
+                                        chash=chash, flush_files=REUSE_BATCH, flush_seconds=math.inf,
+                                        commit_share=None)
+            buffers.append(reuse_buffer)
+            reused = [r for r in todo if r.file_id in sources]
+            for start in range(0, len(reused), REUSE_BATCH):
+                reuse_buffer.add([reused_file(keyed[r.file_id], sources[r.file_id])
+                                  for r in reused[start:start + REUSE_BATCH]])
+            reuse_buffer.flush()
+            phases["reuse_commit"] = time.monotonic() - t_phase
+            log.info("%d file(s) reuse the results of the same content under another uri", len(reused))
+        if n_removed or sources:
+            store.write_run(_run_record(cfg, run_id, chash, RUN_RUNNING, started_at=started, resumes=resumes,
+                                        n_inputs=len(refs), n_todo=len(todo), skipped=skipped, mirror=mirror,
+                                        counts=counts_so_far()))
+
+        progress = Progress(len(to_process), cfg.progress)
+        buffer = CommitBuffer(committer, keyed, progress, run_id=run_id, model_id=model_id, chash=chash,
+                              flush_files=cfg.flush_files, flush_seconds=cfg.flush_seconds)
+        buffers.append(buffer)
+        if to_process:
             t_init = time.monotonic()
             with ray_session(cfg):
                 stop.install()   # ray.init replaced the SIGTERM handler with its own
                 phases["ray_init"] = time.monotonic() - t_init
                 t_phase = time.monotonic()
-                pass_refs = todo
+                pass_refs = to_process
                 for pass_no in range(max(1, cfg.max_passes)):
                     missing, pass_times, plan = run_pass(cfg, pass_refs, tasks, buffer, isolate=pass_no > 0)
                     times.extend(pass_times)
@@ -464,41 +588,51 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         # are redone when the same command resumes the run.
         status = RUN_INTERRUPTED
         error = str(e) if isinstance(e, lifecycle.Interrupted) else "interrupted (KeyboardInterrupt)"
-        _try(buffer.flush)
+        hasher.stop()   # files still being hashed are committed without a content key
+        for b in buffers:
+            _try(b.flush)
         log.warning("run %s %s: %d files committed; the same command resumes it", run_id, error,
-                    len(buffer.committed_ids))
+                    sum(len(b.committed_ids) for b in buffers))
         raise
     except Exception as e:
-        # A failure of the run itself (output not writable, cluster gone, a bug): the run record
-        # says so in one line, the traceback goes next to it, and the caller gets RunFailed.
+        # A failure of the run itself (output not writable, cluster gone, too many removals, a
+        # bug): the run record says so in one line, the traceback goes next to it, and the caller
+        # gets RunFailed.
         status = RUN_FAILED
         error = one_line(e)
         log.debug("run %s failed", run_id, exc_info=True)
         if isinstance(e, StallError):
-            _try(buffer.flush)   # files that did complete before the stall are kept
+            hasher.stop()
+            for b in buffers:
+                _try(b.flush)   # files that did complete before the stall are kept
 
         _try(store.write_bytes, store.path(RUNS_DIR, run_id, "error.txt"),
              "".join(traceback.format_exception(e)).encode())
         raise RunFailed(run_id, error) from e
     finally:
+        hasher.stop()
         wall = time.monotonic() - t0
         progress.tick(force=True)
         totals = {
             "n_inputs": len(refs), "skipped": skipped, "processed": progress.done,
             "ok": progress.status[schemas.STATUS_OK], "partial": progress.status[schemas.STATUS_PARTIAL],
             "error": progress.status[schemas.STATUS_ERROR], "error_types": dict(progress.error_types),
-            "audio_hours": progress.audio_s / 3600, "wall_s": wall,
+            "audio_hours": progress.audio_s / 3600, "wall_s": wall, **counts_so_far(),
         }
-        # phases_s: list (inputs), ledger (pending files, run record, in-flight commit), ray_init,
-        # graph (the Ray Data passes, driver commits included: commit_s of it), finish (compaction
-        # and checkpoints)
-        counts = {**totals, "n_todo": len(todo), "commit_s": round(buffer.commit_s, 3),
+        # phases_s: list (inputs), ledger (pending files, removals, run record), hash (content keys
+        # of possible copies), reuse (their sources), remove and reuse_commit (those commits),
+        # ray_init, graph (the Ray Data passes, driver commits included: commit_s of it), finish
+        # (compaction and checkpoints). removed / reused: over all attempts of the run.
+        commit_s = sum(b.commit_s for b in buffers)
+        counts = {**totals, "n_todo": len(todo), "n_to_process": len(to_process), "commit_s": round(commit_s, 3),
                   "ray_init_s": round(phases.get("ray_init", 0.0), 3),
+                  "hashed_files": hasher.files, "hashed_bytes": hasher.bytes, "hash_s": round(hasher.seconds, 3),
                   "phases_s": {k: round(v, 3) for k, v in phases.items()}}
+        n_commits = committer.n_commits if committer is not None else 0
         _try(store.write_run, _run_record(cfg, run_id, chash, status, started_at=started, resumes=resumes,
-                                          finished_at=utcnow().isoformat(), counts=counts,
+                                          finished_at=utcnow().isoformat(), counts=counts, mirror=mirror,
                                           resources=resources, error=error, **{stage_times.RECORD_KEY: times},
-                                          n_commits_this_attempt=committer.n_commits, n_inputs=len(refs)))
+                                          n_commits_this_attempt=n_commits, n_inputs=len(refs)))
         stop.__exit__(None, None, None)   # the previous handlers, once the record says how the run ended
     return RunSummary(run_id=run_id, out=cfg.out, resumed=resumed_rec is not None,
-                      n_commits=committer.n_commits, status=status, **totals)
+                      n_commits=committer.n_commits if committer is not None else 0, status=status, **totals)

@@ -36,26 +36,59 @@ listing keeps one of them.)
 Local entries that are not regular files (dangling symlinks, symlink loops, FIFOs, devices,
 sockets) are listed like files, with ``size_bytes`` None unless a symlink leads to a regular
 file; decode gives each its own error type without opening it.
+
+Scope. :func:`list_archive` also says which URIs the inputs cover (:class:`Scope`): the region in
+which a file the listing no longer returns has left the archive (its rows are removed from the
+tables, ``pipelines.output.mirror``). A directory or prefix covers every URI under it (direct
+children only with ``recursive=False``) and a glob what it matches, both with the listing's
+extension filter (a file the filter leaves out is not looked at, so it is not gone); a single
+file covers itself; a manifest covers nothing: it names files, not a region, and a file it no
+longer names may still be in the archive. A folder the listing could not read (no permission)
+is left out of the scope: nothing under it counts as gone.
+
+Content keys. A file's content key (:attr:`FileRef.content_key`) identifies its bytes: equal
+keys of equal kind (and equal sizes) mean equal content, so a moved or copied file can reuse
+the results of the same content. Only real content hashes qualify, never names, sizes, mtimes or
+version ids (:func:`content_key`):
+
+* S3 (and S3-compatible stores): ``"s3-etag:<ETag>"`` when the ETag has the form S3 gives a
+  content hash: 32 hex digits (single-part upload: the MD5 of the bytes) or ``<32 hex>-<parts>``
+  (multipart: the MD5 of the parts' MD5s, so equal ETags mean the same bytes in the same part
+  layout; the same bytes uploaded with another layout get another ETag and are processed again,
+  which costs GPU time and never gives a wrong answer). Objects encrypted with SSE-KMS or SSE-C
+  have 32-hex ETags that are not the MD5 of their bytes; they are unique per upload, so such an
+  object is never matched to another (no reuse, and no wrong reuse either). ``VersionId`` never
+  becomes a key.
+* GCS: ``"gcs-md5:<base64>"`` from the object's ``md5Hash`` (composite objects have none).
+* Local files: ``"sha256:<hex>"`` of the bytes, computed by :class:`ContentHasher` for the files a
+  run processes (never for unchanged files), only while the file is still the version listed.
+* Anything else (other stores, a manifest entry that cannot be stat'ed): None; such a file is
+  processed as before.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
 import os
 import posixpath
+import re
 import stat
+import threading
+import time
 import urllib.parse
-from collections.abc import Collection, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.utils import glob_translate
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +116,7 @@ class FileRef:
     etag: str | None          # object-storage ETag (or version id); None locally
     mtime: datetime | None    # UTC
     file_id: str              # stable hash of the URI
+    content_key: str | None = None   # what the bytes are (see the module docstring); None: unknown
 
     @property
     def version(self) -> str:
@@ -149,6 +183,69 @@ def candidate_paths(path: str) -> list[str]:
     return [path] if name is None else [path, name]
 
 
+# --- scope ---------------------------------------------------------------------------------
+
+PREFIX, FOLDER, GLOB, FILE, MANIFEST = "prefix", "folder", "glob", "file", "manifest"
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of a run's scope one input covers (see the module docstring)."""
+
+    kind: str    # PREFIX (everything under uri) | FOLDER (uri's direct children) | GLOB | FILE | MANIFEST
+    uri: str     # as the listing writes URIs: the directory, the glob, the file, the manifest
+
+    @functools.cached_property
+    def _glob(self) -> tuple[str, re.Pattern[str]]:
+        protocol, sep, path = self.uri.partition("://")
+        return (protocol + sep if sep else ""), re.compile(glob_translate(path if sep else self.uri))
+
+    def covers(self, uri: str) -> bool:
+        """Whether ``uri`` lies in this region (before the extension filter)."""
+        if self.kind == FILE:
+            return uri == self.uri
+        if self.kind in (PREFIX, FOLDER):
+            base = self.uri.rstrip("/") + "/"
+            return uri.startswith(base) and (self.kind == PREFIX or "/" not in uri[len(base):])
+        if self.kind == GLOB:
+            protocol, pattern = self._glob
+            return uri.startswith(protocol) and pattern.fullmatch(uri[len(protocol):]) is not None
+        return False   # MANIFEST: names files, covers no region
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The URIs a run's inputs cover: where a file the listing no longer returns is gone."""
+
+    regions: tuple[Region, ...]
+    extensions: frozenset[str] | None     # the listing's filter for prefixes and globs (None: all)
+    unlisted: tuple[str, ...] = ()        # folders the listing could not read: out of scope
+
+    def contains(self, uri: str) -> bool:
+        if any(uri.startswith(u.rstrip("/") + "/") for u in self.unlisted):
+            return False
+        for r in self.regions:
+            if r.kind != FILE and self.extensions is not None and extension(uri) not in self.extensions:
+                continue
+            if r.covers(uri):
+                return True
+        return False
+
+    def describe(self) -> list[str]:
+        """One line per input (for run records and messages)."""
+        lines = [f"{r.kind} {r.uri}" + (" (names files: removes nothing)" if r.kind == MANIFEST else "")
+                 for r in self.regions]
+        return lines + [f"unlisted {u} (not readable: out of scope)" for u in self.unlisted]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :func:`list_archive` found: the files (sorted by URI, deduplicated) and the scope."""
+
+    refs: list[FileRef]
+    scope: Scope
+
+
 def list_inputs(
     source: str | Sequence[str],
     storage_options: dict | None = None,
@@ -163,14 +260,30 @@ def list_inputs(
     A directory/prefix/glob that matches nothing gives an empty list; a single file or
     directory that does not exist raises ``FileNotFoundError`` (the run cannot do anything).
     """
+    return list_archive(source, storage_options, extensions=extensions, recursive=recursive).refs
+
+
+def list_archive(
+    source: str | Sequence[str],
+    storage_options: dict | None = None,
+    *,
+    extensions: Collection[str] | None = None,
+    recursive: bool = True,
+) -> Listing:
+    """:func:`list_inputs`, with the scope the inputs cover (:class:`Scope`)."""
     sources = [source] if isinstance(source, str) else list(source)
     storage_options = dict(storage_options or {})
     keep = _normalise_extensions(extensions)
     refs: dict[str, FileRef] = {}
+    regions: list[Region] = []
+    unlisted: list[str] = []
     for src in sources:
-        for ref in _list_one(src, storage_options, keep, recursive):
+        found, region = _list_one(src, storage_options, keep, recursive, unlisted)
+        regions.append(region)
+        for ref in found:
             refs[ref.uri] = ref
-    return [refs[uri] for uri in sorted(refs)]
+    scope = Scope(tuple(regions), keep, tuple(dict.fromkeys(unlisted)))
+    return Listing([refs[uri] for uri in sorted(refs)], scope)
 
 
 def _normalise_extensions(extensions: Collection[str] | None) -> frozenset[str] | None:
@@ -189,33 +302,65 @@ def extension(path: str) -> str:
     return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
 
 
-def _list_one(src: str, storage_options: dict, keep: frozenset[str] | None,
-              recursive: bool) -> list[FileRef]:
+def _list_one(src: str, storage_options: dict, keep: frozenset[str] | None, recursive: bool,
+              unlisted: list[str]) -> tuple[list[FileRef], Region]:
     fs, path = url_to_fs(src, **storage_options)
     if _has_magic(path) and not fs.exists(path):  # a literal "[" in a name is not a glob
         infos = fs.glob(path, detail=True)
         files = [i for i in infos.values() if i.get("type") == "file"]
-        return [_ref(fs, i) for i in files if keep is None or extension(i["name"]) in keep]
+        refs = [_ref(fs, i) for i in files if keep is None or extension(i["name"]) in keep]
+        return refs, Region(GLOB, _uri(fs, path))
     info = fs.info(path)  # FileNotFoundError propagates: the source itself is wrong
     if info.get("type") == "directory":
-        if recursive:
-            walk_options = {"on_error": _unlisted} if is_local_filesystem(fs) else {}   # s3fs takes none
-            infos = fs.find(path, detail=True, withdirs=False, **walk_options).values()
+        region = Region(PREFIX if recursive else FOLDER, _uri(fs, path))
+        if recursive and is_local_filesystem(fs):
+            def on_error(error: Exception, folder: str) -> None:
+                _unlisted(error)
+                unlisted.append(_uri(fs, folder))
+
+            infos = _find_local(fs, fs._strip_protocol(path), on_error)
+        elif recursive:
+            infos = fs.find(path, detail=True, withdirs=False).values()
         else:
             infos = [i for i in fs.ls(path, detail=True) if i.get("type") == "file"]
-        return [_ref(fs, i) for i in infos if keep is None or extension(i["name"]) in keep]
+        return [_ref(fs, i) for i in infos if keep is None or extension(i["name"]) in keep], region
     if extension(path) in MANIFEST_EXTENSIONS:
         if is_local_filesystem(fs) and info.get("type") != "file" and _followed_size_mtime(path)[0] is None:
             raise ValueError(f"manifest {src}: not a regular file (a FIFO or device is never read)")
-        return _from_manifest(fs, path, storage_options)
-    return [_ref(fs, info)]
+        return _from_manifest(fs, path, storage_options), Region(MANIFEST, _uri(fs, path))
+    ref = _ref(fs, info)
+    return [ref], Region(FILE, ref.uri)
+
+
+def _find_local(fs: fsspec.AbstractFileSystem, root: str,
+                on_error: Callable[[Exception, str], None]) -> list[dict[str, Any]]:
+    """``fs.find(root, detail=True, withdirs=False)`` of a local folder (the same ``ls`` calls and
+    entries, sorted by name), calling ``on_error(error, folder)`` for every folder that cannot be
+    listed. (fsspec's ``walk`` passes its ``on_error`` to the top folder only: a subfolder without
+    read permission would be left out in silence, and its files taken for removed.)"""
+    out: dict[str, dict[str, Any]] = {}
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            listing = fs.ls(folder, detail=True)
+        except OSError as e:
+            on_error(e, folder)
+            continue
+        for info in listing:
+            name = info["name"].rstrip("/")
+            if info["type"] == "directory" and name != folder:
+                folders.append(name)
+            else:
+                out[info["name"]] = info
+    return [out[name] for name in sorted(out)]
 
 
 def _unlisted(error: Exception) -> None:
     """A folder of the input that cannot be listed (no permission, removed meanwhile): its files
-    are missing from the run, which the log says."""
-    logger.warning("input folder not listed, its files are left out: %s: %s", type(error).__name__,
-                   escape_uri(str(error)))
+    are missing from the run, which the log says (and nothing under it is removed from the tables)."""
+    logger.warning("input folder not listed, its files are left out (and kept in the tables): %s: %s",
+                   type(error).__name__, escape_uri(str(error)))
 
 
 def _has_magic(path: str) -> bool:
@@ -248,6 +393,7 @@ def _ref(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> FileRef:
         etag=None if is_local_filesystem(fs) else _etag(info),
         mtime=mtime,
         file_id=file_id_for(uri),
+        content_key=content_key(fs, info),
     )
 
 
@@ -271,6 +417,29 @@ def _etag(info: dict[str, Any]) -> str | None:
         value = info.get(key)
         if value:
             return str(value).strip('"')
+    return None
+
+
+# An S3 ETag that is a content hash: the MD5 of the bytes (single-part upload), or the MD5 of the
+# parts' MD5s and the part count (multipart; S3 allows at most 10,000 parts).
+_S3_CONTENT_ETAG = re.compile(r"[0-9a-f]{32}(-[1-9][0-9]{0,4})?")
+_S3_PROTOCOLS = {"s3", "s3a"}
+_GCS_PROTOCOLS = {"gs", "gcs"}
+
+
+def content_key(fs: fsspec.AbstractFileSystem, info: Mapping[str, Any]) -> str | None:
+    """The content key an object store's metadata gives (see the module docstring), or None.
+
+    Read from the store's own content-hash fields only: ``ETag`` on S3 (when it has the form of
+    one), ``md5Hash`` on GCS. Never a version id or generation, which :func:`_etag` falls back to
+    (they name an upload, not its bytes); local files get theirs from :class:`ContentHasher`."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _S3_PROTOCOLS:
+        etag = str(info.get("ETag") or info.get("etag") or "").strip().strip('"').lower()
+        return f"s3-etag:{etag}" if _S3_CONTENT_ETAG.fullmatch(etag) else None
+    if protocols & _GCS_PROTOCOLS:
+        md5 = info.get("md5Hash")
+        return f"gcs-md5:{md5}" if isinstance(md5, str) and md5 else None
     return None
 
 
@@ -366,3 +535,152 @@ def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
         except FileNotFoundError:
             continue
     return fs.info(paths[-1])
+
+
+# --- content keys of local files ------------------------------------------------------------
+
+HASH_THREADS = 4            # hashing threads (hashlib releases the GIL while it hashes a chunk)
+HASH_CHUNK = 1 << 20        # bytes read per step
+
+
+def is_local_uri(uri: str) -> bool:
+    """Whether a listing's URI is a local path (the listing writes local files without a scheme)."""
+    return "://" not in uri
+
+
+def sha256_key(ref: FileRef, stop: threading.Event | None = None) -> str | None:
+    """``"sha256:<hex>"`` of a local file's bytes, when it is still the version ``ref`` lists.
+
+    None when it is not a regular file, is gone, cannot be read, or its size or mtime differ from
+    the listing's before or after the read (it changed meanwhile: processed without a key), or
+    when ``stop`` is set (the run is ending). The loop is ``hashlib.file_digest``'s, with a stop
+    check per chunk. Opened with ``O_NONBLOCK``: a FIFO swapped in for the file never blocks."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = None
+    for path in candidate_paths(ref.uri):
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or not _is_listed_version(before, ref):
+            return None
+        digest = hashlib.sha256()
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            if stop is not None and stop.is_set():
+                return None
+        after = os.fstat(fd)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def _is_listed_version(st: os.stat_result, ref: FileRef) -> bool:
+    return st.st_size == ref.size_bytes and datetime.fromtimestamp(st.st_mtime, tz=UTC) == ref.mtime
+
+
+class ContentHasher:
+    """Content keys of local files on a thread pool, computed only for the files asked for.
+
+    :meth:`submit` starts hashing (refs that already have a key, remote ones and those without a
+    size are left as they are); :meth:`keyed` returns a ref with its key, waiting for its hash.
+    The driver asks first for the files that may be a copy of an indexed one (to decide reuse
+    before processing), and hands the others to the pool to hash while Ray processes them: their
+    keys are needed only when they are committed. :meth:`stop` makes the remaining work end at
+    its next chunk (those files get no key). Files over ``max_bytes`` are not hashed: the run does
+    not decode them (``too_large``), so their rows are never a source."""
+
+    def __init__(self, threads: int = HASH_THREADS, *, max_bytes: int | None = None):
+        self.threads = threads
+        self.max_bytes = max_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._futures: dict[str, Future[str | None]] = {}
+        self._lock = threading.Lock()
+        self.files = 0          # files hashed (a key came out)
+        self.bytes = 0          # their bytes
+        self.seconds = 0.0      # thread time spent hashing
+
+    def wants(self, ref: FileRef) -> bool:
+        return (ref.content_key is None and is_local_uri(ref.uri) and bool(ref.size_bytes)
+                and (self.max_bytes is None or (ref.size_bytes or 0) <= self.max_bytes))
+
+    def submit(self, refs: Iterable[FileRef]) -> None:
+        for ref in refs:
+            if self._stop.is_set():
+                return
+            if not self.wants(ref) or ref.file_id in self._futures:
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="content-hash")
+            self._futures[ref.file_id] = self._pool.submit(self._hash, ref)
+
+    def _hash(self, ref: FileRef) -> str | None:
+        t0 = time.monotonic()
+        try:
+            key = sha256_key(ref, self._stop)
+        except OSError as e:
+            logger.info("no content key for %s: %s: %s", ref.uri, type(e).__name__, e)
+            key = None
+        with self._lock:
+            self.seconds += time.monotonic() - t0
+            if key is not None:
+                self.files += 1
+                self.bytes += ref.size_bytes or 0
+        return key
+
+    def keyed(self, ref: FileRef) -> FileRef:
+        """``ref`` with its content key (submitted if it was not); ``ref`` itself when there is none."""
+        if not self.wants(ref):
+            return ref
+        self.submit([ref])
+        future = self._futures.get(ref.file_id)
+        if future is None or future.cancelled():   # stopped before it was hashed
+            return ref
+        key = future.result()
+        return replace(ref, content_key=key) if key is not None else ref
+
+    def stop(self) -> None:
+        """End the hashing still to do: running hashes end at their next chunk, queued ones never
+        start; their files get no key."""
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class KeyedRefs(Mapping[str, FileRef]):
+    """file_id -> FileRef, each with its content key once it is asked for (waiting for its hash):
+    what the commit buffer reads when it builds a commit's rows."""
+
+    def __init__(self, refs: Mapping[str, FileRef], hasher: ContentHasher):
+        self._refs = dict(refs)
+        self._hasher = hasher
+        self._keyed: dict[str, FileRef] = {}
+
+    def __getitem__(self, file_id: str) -> FileRef:
+        if file_id not in self._keyed:
+            self._keyed[file_id] = self._hasher.keyed(self._refs[file_id])
+        return self._keyed[file_id]
+
+    def __contains__(self, file_id: object) -> bool:
+        return file_id in self._refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)

@@ -170,6 +170,7 @@ class CompleteFile:
     info: FileInfo
     segments: list[dict[str, Any]]                # sorted by (segment_index, task order)
     failed_windows: dict[int, tuple[str, str]]    # segment_index -> (error_type, error) of inference
+    reused_from: str | None = None                # results copied from this uri (same content), not processed
 
 
 @dataclasses.dataclass(frozen=True)

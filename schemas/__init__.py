@@ -30,7 +30,13 @@ from schemas.vocabulary import STATUSES as STATUSES
 #        finish_reason gains ``no_speech`` and ``silence`` (rows the gate answered without the model).
 #        files gain ``audio_stream``: which audio stream of the container was decoded (FFmpeg's
 #        default/best one); null when none was.
-SCHEMA_VERSION = "3"
+#   "4"  the tables mirror the archive (files gone from a run's input scope are deleted; moved and
+#        copied files reuse the results of the same content): files gain ``content_hash`` (the
+#        input's content key: "s3-etag:<ETag>", "gcs-md5:<base64>" or "sha256:<hex>"; null where
+#        the store has no content hash) and ``reused_from`` (the uri whose results were copied
+#        into this row without decoding or generating; null for files processed by this row's
+#        run). Rows of earlier versions read with both null.
+SCHEMA_VERSION = "4"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -64,6 +70,8 @@ FILES = _with_version([
     pa.field("version", pa.string()),          # v3: the input's version (FileRef.version) when processed
     pa.field("speech_s", pa.float64()),        # v3: seconds of speech (VAD) in the file; null: gate off
     pa.field("audio_stream", pa.int32()),      # v3: index of the decoded audio stream in its container
+    pa.field("content_hash", pa.string()),     # v4: content key of the input (pipelines.sources.content_key)
+    pa.field("reused_from", pa.string()),      # v4: uri whose results were copied (same content); null: processed
 ])
 
 # One row per (file, segment, task).

@@ -24,6 +24,13 @@ FINAL_LINES = {
     "gpu_throughput.py": r"^gpu_throughput: smoke run, .*best / official-style loop = \d+\.\d+x .*\(goal >= 20x.*\)$",
     "commit_scale.py": r"^commit_scale: reprocessing 100 of 500 files: every 32 files \d+\.\d+ s / spaced \d+\.\d+ s "
                        r"= \d+\.\d+x wall; committing .* = \d+\.\dx$",
+    "content_hash.py": r"^content_hash: sha256 / read of a [\d.]+ GiB file = \d+\.\d+x warm \(.*\)(; \d+\.\d+x cold "
+                       r"\(.*\))?$",
+    # in the main venv vLLM is absent: the HF half runs and the line says skipped; in .venv-vllm
+    # (tests/test_vllm_engine.py) the ratio line
+    "engine_throughput.py": r"^engine_throughput: (skipped, vLLM is not installed here \(CPU, tiny random model: "
+                            r"no goal; hf [\d,]+ tokens/s|CPU, tiny random model: no goal; tiny, batch 3 x 3 tasks: "
+                            r"vllm / hf = \d+\.\d+x generated tokens/s)",
 }
 
 
@@ -61,9 +68,12 @@ def test_gpu_session_script_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_13b.txt", "gpu_7b.txt", "nvidia-smi.txt",
-                                                          "versions.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_13b.txt", "engine_7b.txt", "gpu_13b.txt",
+                                                          "gpu_7b.txt", "nvidia-smi.txt", "versions.txt"]
     for log in ("gpu_13b.txt", "gpu_7b.txt"):
         last = (tmp_path / log).read_text().strip().splitlines()[-1]
         assert re.match(FINAL_LINES["gpu_throughput.py"], last), last
+    for log in ("engine_13b.txt", "engine_7b.txt"):
+        last = (tmp_path / log).read_text().strip().splitlines()[-1]
+        assert re.match(FINAL_LINES["engine_throughput.py"], last), last
     assert "torch" in (tmp_path / "versions.txt").read_text()

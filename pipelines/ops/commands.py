@@ -28,8 +28,9 @@ def add_subcommands(sub: Any) -> None:
     """Register plan, report, export, weights, maintain and migrate on the ``add_subparsers()``
     object ``sub``."""
 
-    p = sub.add_parser("plan", help="what a run would do: new/changed/unchanged files, audio hours, GPU hours "
-                                    "(lists only: decodes nothing, writes nothing)")
+    p = sub.add_parser("plan", help="what a run would do: new/changed/unchanged files, files it would remove "
+                                    "(gone from the input's scope) and reuse (moved or copied), audio hours, GPU "
+                                    "hours (decodes nothing, writes nothing)")
     p.add_argument("input", nargs="+", help="as for `run`")
     p.add_argument("--out", required=True, help="the output a run would write to (read only here)")
     add_run_args(p)
@@ -37,7 +38,9 @@ def add_subcommands(sub: Any) -> None:
                    help="audio hours one GPU processes per hour with this run's tasks "
                         "(default: the project's figure for the model)")
     p.add_argument("--probe", choices=("auto", "always", "never"), default="auto",
-                   help="read container headers (<= 64 KiB a file) for exact durations: auto = local files only")
+                   help="read container headers (<= 64 KiB a file) for exact durations: auto = local files only; "
+                        "local files an indexed file has the size of are hashed (read whole) to recognise copies, "
+                        "except with never")
     p.add_argument("--files", action="store_true", help="also list every file with its action")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)

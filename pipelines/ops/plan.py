@@ -10,6 +10,14 @@ compares every file with the output's committed ledger under the config hash the
 * ``retry``          same version and config, but its last result was a transient error;
 * ``unchanged``      nothing to do (the run skips it).
 
+Like the run, it shows how the tables would follow the archive (``pipelines.output.mirror``): the
+indexed files of the input's scope the listing no longer returns ("would remove N", and whether
+``--max-removed`` would stop the run), and the files to process whose content is already indexed
+under another URI ("would reuse M": their results are copied, they cost no GPU time and are left
+out of the hours below). Content keys come from the listing on object stores; local files are
+hashed only when an indexed file has their size (and never with ``probe="never"``: then local
+reuse is not checked, and the plan says so).
+
 For the files to process it gives the audio hours, the windows x tasks and a GPU-hours estimate.
 Each file's duration comes from, in this order:
 
@@ -45,8 +53,19 @@ import mutagen.wave
 from fsspec.core import url_to_fs
 
 from pipelines.config import config_hash_of, resolve_tasks
-from pipelines.output import CommittedFile, OutputStore, committed_ledger, is_done
-from pipelines.sources import extension, list_inputs
+from pipelines.output import (
+    CommittedFile,
+    OutputStore,
+    TooManyRemovals,
+    check_removals,
+    committed_ledger,
+    find_removals,
+    find_sources,
+    is_done,
+    reusable_sizes,
+)
+from pipelines.output.mirror import NO_REMOVALS
+from pipelines.sources import ContentHasher, extension, is_local_uri, list_archive
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +120,7 @@ class FilePlan:
     duration_source: str | None     # measured | header | estimate
     windows: int
     over_limit: str | None = None   # "too_large" / "too_long": the run will write an error row
+    reused_from: str | None = None  # the uri whose results the run would copy (same content): no work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +141,26 @@ class Plan:
     speech_gate: bool = False            # --speech-gate on: tasks that need speech skip windows without it
     speech_tasks: tuple[str, ...] = ()   # the tasks the gate can skip
     speech_measured: tuple[float, float] | None = None   # earlier runs here: (speech h, audio h) of their files
+    removed: tuple[str, ...] = ()        # indexed files of the input's scope the listing no longer returns
+    indexed_in_scope: int = 0            # indexed files inside the input's scope
+    keep_removed: bool = False
+    max_removed: float = 0.1
+    removal_refused: str | None = None   # why the run would stop (--max-removed), None: it would not
+    reuse_checked: str = "all"           # "all", or which files' reuse was not checked and why
+    hashed_files: int = 0                # local files hashed to recognise copies
+    hashed_bytes: int = 0
 
     def count(self, action: str) -> int:
         return sum(1 for f in self.files if f.action == action)
 
     @property
     def todo(self) -> list[FilePlan]:
-        return [f for f in self.files if f.action in TO_PROCESS]
+        """The files the run would process (reused ones cost nothing and are not among them)."""
+        return [f for f in self.files if f.action in TO_PROCESS and f.reused_from is None]
+
+    @property
+    def reused(self) -> list[FilePlan]:
+        return [f for f in self.files if f.reused_from is not None]
 
     def audio_hours(self, source: str | None = None) -> float:
         return sum((f.duration_s or 0.0) for f in self.todo
@@ -150,6 +183,11 @@ class Plan:
             "input": self.input, "out": self.out, "model": self.model, "tasks": list(self.tasks),
             "config_hash": self.config_hash, "window_s": self.window_s, "hop_s": self.hop_s,
             "counts": {a: self.count(a) for a in ACTIONS},
+            "would_remove": len(self.removed), "would_reuse": len(self.reused),
+            "indexed_in_scope": self.indexed_in_scope, "keep_removed": self.keep_removed,
+            "max_removed": self.max_removed, "removal_refused": self.removal_refused,
+            "reuse_checked": self.reuse_checked, "hashed_files": self.hashed_files, "hashed_bytes": self.hashed_bytes,
+            "removed": list(self.removed),
             "files_listed": len(self.files),
             "bytes_listed": sum(f.size_bytes or 0 for f in self.files),
             "bytes_to_process": sum(f.size_bytes or 0 for f in self.todo),
@@ -181,6 +219,14 @@ class Plan:
                   RETRY: "retry (transient error)", UNCHANGED: "unchanged (skipped)"}
         for a in ACTIONS:
             lines.append(f"  {labels[a]:<26}{self.count(a):>10,}")
+        lines.append(self._removal_line())
+        reuse = (f"would reuse {len(self.reused):,} (moved or copied: the results of the same content are copied, "
+                 f"no decode, no GPU)")
+        if self.hashed_files:
+            reuse += f"; hashed {_bytes(self.hashed_bytes)} of {self.hashed_files:,} local files to recognise them"
+        if self.reuse_checked != "all":
+            reuse += f"; not checked for {self.reuse_checked}"
+        lines.append(reuse)
         over = collections.Counter(f.over_limit for f in todo if f.over_limit)
         over_text = ", ".join(f"{v} {k}" for k, v in sorted(over.items()))
         lines.append(f"to process: {len(todo):,} files, {_bytes(sum(f.size_bytes or 0 for f in todo))}"
@@ -209,8 +255,20 @@ class Plan:
                 dur = "-" if f.duration_s is None else (
                     f"{'~' if f.duration_source == SRC_ESTIMATE else ''}{f.duration_s:.1f} s ({f.duration_source})")
                 lines.append(f"  {f.action:<15}{dur:<28}{f.windows:>6} win  {f.uri}"
-                             + (f"  [{f.over_limit}]" if f.over_limit else ""))
+                             + (f"  [{f.over_limit}]" if f.over_limit else "")
+                             + (f"  [reuses {f.reused_from}]" if f.reused_from else ""))
+            for uri in self.removed:
+                lines.append(f"  {'remove':<15}{'-':<28}{0:>6} win  {uri}")
         return "\n".join(lines)
+
+    def _removal_line(self) -> str:
+        if self.keep_removed:
+            return "would remove 0 (--keep-removed: rows of files gone from the listing stay)"
+        line = (f"would remove {len(self.removed):,} of {self.indexed_in_scope:,} indexed files in the input's scope "
+                f"(gone from the listing)")
+        if self.removal_refused:
+            line += f"; THE RUN WOULD STOP: {self.removal_refused}"
+        return line
 
 
     def _speech_line(self) -> str:
@@ -293,7 +351,8 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     if probe not in ("auto", "always", "never"):
         raise ValueError(f"probe must be auto, always or never, got {probe!r}")
     t0 = time.monotonic()
-    refs = list_inputs(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    listing = list_archive(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
+    refs = listing.refs
     list_s = time.monotonic() - t0
     out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
     store = OutputStore(cfg.out, out_so)
@@ -306,6 +365,17 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     hop = d.hop_s if d.hop_s is not None else d.window_s
     actions = [classify(ledger.get(r.uri), r.version, chash) for r in refs]
 
+    keep_removed = bool(getattr(cfg, "keep_removed", False))
+    max_removed = float(getattr(cfg, "max_removed", 0.1))
+    removals = find_removals(store, listing.scope, refs) if ledger and not keep_removed else NO_REMOVALS
+    refused = None
+    try:
+        check_removals(removals, max_removed)
+    except TooManyRemovals as e:
+        refused = str(e)
+    reuse, reuse_checked, hasher = _reuse(store, [r for r, a in zip(refs, actions) if a in TO_PROCESS], chash,
+                                          probe) if ledger else ({}, "all", None)
+
     # measured durations first; then the header probe for what is left
     durations: dict[str, tuple[float, str]] = {}
     for r, a in zip(refs, actions):
@@ -314,6 +384,7 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
             if prev and prev.get("duration_s") and prev.get("size_bytes") == r.size_bytes:
                 durations[r.uri] = (float(prev["duration_s"]), SRC_MEASURED)
     to_probe = [r for r, a in zip(refs, actions) if a in TO_PROCESS and r.uri not in durations
+                and r.file_id not in reuse
                 and _probe_wanted(r.uri, probe) and extension(r.uri) in HEADER_PARSERS
                 and r.size_bytes and (d.max_bytes is None or r.size_bytes <= d.max_bytes)]
     probe_bytes = 0
@@ -330,6 +401,11 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
     for r, a in zip(refs, actions):
         if a == UNCHANGED:
             files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0))
+            continue
+        if r.file_id in reuse:
+            source = reuse[r.file_id].file
+            files.append(FilePlan(r.uri, r.size_bytes, a, source["duration_s"], SRC_MEASURED, 0,
+                                  reused_from=source["uri"]))
             continue
         if r.size_bytes is not None and d.max_bytes is not None and r.size_bytes > d.max_bytes:
             files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0, over_limit="too_large"))
@@ -357,9 +433,36 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
         probe_files=len(to_probe), probe_bytes=probe_bytes,
         speech_gate=bool(getattr(cfg, "speech_gate", False)), speech_tasks=tuple(speech_tasks),
         speech_measured=_speech_measured(store) if ledger else None,
+        removed=removals.uris, indexed_in_scope=removals.indexed, keep_removed=keep_removed,
+        max_removed=max_removed, removal_refused=refused, reuse_checked=reuse_checked,
+        hashed_files=hasher.files if hasher else 0, hashed_bytes=hasher.bytes if hasher else 0,
     )
     log.info("plan: %d files listed, %d to process, %.2f audio h", len(files), len(plan.todo), plan.audio_hours())
     return plan
+
+
+def _reuse(store: OutputStore, todo: Sequence[Any], chash: str,
+           probe: str) -> tuple[dict[str, Any], str, ContentHasher | None]:
+    """(file_id -> reuse source, which files' reuse was not checked, the hasher used): the files
+    to process whose content is indexed under another URI. Local files are hashed only when an
+    indexed file has their size, and not at all with ``probe="never"``."""
+    sizes = reusable_sizes(store, chash)
+    maybe = [r for r in todo if r.size_bytes in sizes]
+    local = [r for r in maybe if r.content_key is None and is_local_uri(r.uri)]
+    checked = "all"
+    hasher = None
+    if local and probe == "never":
+        checked = f"{len(local):,} local files of an indexed size (not read with --probe never)"
+        unread = {r.file_id for r in local}
+        maybe = [r for r in maybe if r.file_id not in unread]
+    elif local:
+        hasher = ContentHasher()
+        try:
+            hasher.submit(local)
+            maybe = [hasher.keyed(r) for r in maybe]
+        finally:
+            hasher.close()
+    return find_sources(store, maybe, chash, with_segments=False), checked, hasher
 
 
 def _speech_measured(store: OutputStore) -> tuple[float, float] | None:

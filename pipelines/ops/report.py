@@ -275,7 +275,8 @@ def _counts(c: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
-_PHASES = {"list": "listing", "ledger": "ledger", "ray_init": "Ray start", "graph": "decode + inference",
+_PHASES = {"list": "listing", "ledger": "ledger", "hash": "content hashes", "reuse": "reuse sources",
+           "remove": "removals", "reuse_commit": "reused files", "ray_init": "Ray start", "graph": "decode + inference",
            "finish": "compaction"}
 
 
@@ -308,6 +309,9 @@ def render_text(d: ReportData) -> str:
         f"files: {d.n_files} processed ({_counts(d.status_counts)})"
         + (f", {counts['skipped']} skipped as unchanged" if "skipped" in counts else "")
         + (f", {counts['n_inputs']} inputs" if "n_inputs" in counts else ""),
+        f"archive changes: {counts.get('removed', 0)} removed (gone from the input's scope), "
+        f"{counts.get('reused', 0)} reused (moved or copied: the results of the same content, copied without "
+        f"decoding or generating)",
         f"error types: {_counts(d.error_types)}",
         f"audio: {d.audio_hours:.3f} h in {len(d.durations_s)} files"
         + (f" (median {_fmt_s(_median(d.durations_s))}, longest {_fmt_s(max(d.durations_s))})"
@@ -512,6 +516,8 @@ def render_html(d: ReportData) -> str:
     ]
     if "skipped" in counts:
         cards.append(("skipped (unchanged)", counts["skipped"], ""))
+    if "removed" in counts:
+        cards += [("removed (gone)", counts["removed"], ""), ("reused (moved, copied)", counts.get("reused", 0), "")]
     cards += [
         ("audio hours", f"{d.audio_hours:.3f}", ""),
         ("wall time", _fmt_s(d.wall_s), ""),

@@ -25,12 +25,14 @@ class RunStatus:
     segment_rows: int              # this run's rows in the latest segments view
     audio_hours: float
     error: str | None = None       # a failed run's one-line reason (run.json)
+    removed: int = 0               # files gone from the run's input scope whose rows it removed (run.json)
+    reused: int = 0                # this run's rows in the latest view that copied another uri's results
 
 
 def run_statuses(store: OutputStore) -> list[RunStatus]:
     runs = store.list_runs()
     files_dt = store.table("files")
-    files = store.read_table("files", columns=["run_id", "status", "error_type", "duration_s"])
+    files = store.read_table("files", columns=["run_id", "status", "error_type", "duration_s", "reused_from"])
     seg_runs = store.read_table("segments", columns=["run_id"])["run_id"]
     seg_counts = {d["values"]: d["counts"] for d in pc.value_counts(seg_runs).to_pylist()} if len(seg_runs) else {}
     by_run: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -50,6 +52,8 @@ def run_statuses(store: OutputStore) -> list[RunStatus]:
             segment_rows=seg_counts.get(run_id, 0),
             audio_hours=sum(r["duration_s"] or 0.0 for r in rows) / 3600,
             error=rec.get("error"),
+            removed=int((rec.get("counts") or {}).get("removed", 0)),
+            reused=sum(1 for r in rows if r["reused_from"] is not None),
         ))
     return out
 
@@ -68,7 +72,7 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
             f"  {r.run_id}  {r.status:<11} started {r.started_at or '?'}  finished {r.finished_at or '-'}"
             f"{f'  resumed x{r.resumes}' if r.resumes else ''}\n"
             f"      {r.n_commits} commits | files: {files} | error types: {errs} | "
-            f"{r.segment_rows} segment rows | {r.audio_hours:.3f} audio h"
+            f"{r.segment_rows} segment rows | {r.audio_hours:.3f} audio h | removed {r.removed}, reused {r.reused}"
             + (f"\n      failed: {r.error} (traceback: {out.rstrip('/')}/_runs/{r.run_id}/error.txt; "
                f"the same command resumes the run)" if r.error else "")
         )

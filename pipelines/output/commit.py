@@ -17,6 +17,16 @@ travel until ``vacuum`` removes their data files.
   concurrent commit added rows its predicate covers (``CommitFailedError``); the commit is
   retried on the new table version, where the predicate now removes the other run's rows. So
   each file's rows are in each table exactly once.
+
+Removals (:meth:`Committer.remove`: files gone from the archive, ``pipelines.output.mirror``) are
+driver commits too: per batch of files one seq, a Delta delete on ``segments`` then on ``files``
+(predicate ``file_id IN (...)``), with the same application transaction and commit metadata
+(operation ``remove``), retried on conflicts like the writes. A delete that matches no row makes no
+table version (delta-rs commits nothing then), so such a seq may be missing from a table's
+transaction. Interrupted between its two deletes, a removal leaves the files rows of files whose
+segments are gone: the resumed run removes them again (the listing still lacks them), and one
+that the listing returns again is processed again (:meth:`Committer.in_flight_removal`), never
+skipped with its segments missing.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ log = logging.getLogger(__name__)
 
 # Attempts of one table commit that keeps losing to concurrent writers.
 COMMIT_ATTEMPTS = 60
+# Files per removal commit (the predicate lists their ids, and so does the commit metadata).
+REMOVE_BATCH = 5000
+OPERATION_KEY = "salmonn_pipeline.operation"
+OP_REMOVE = "remove"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +97,22 @@ class Committer:
 
     def in_flight_file_ids(self) -> list[str]:
         """The files of the interrupted commit (segments written, files not), from its metadata."""
+        info = self._in_flight_info()
+        return [i for i in str(info.get("file_ids", "")).split(",") if i] if info else []
+
+    def in_flight_removal(self) -> list[str]:
+        """The files of an interrupted removal (their segments deleted, their files rows not):
+        processed again if the listing returns them (the ledger would skip them otherwise)."""
+        info = self._in_flight_info()
+        return self.in_flight_file_ids() if info and info.get(OPERATION_KEY) == OP_REMOVE else []
+
+    def _in_flight_info(self) -> dict[str, Any] | None:
         if self.in_flight_seq is None:
-            return []
+            return None
         for _, info in self.store.commit_infos("segments"):
             if info.get("run_id") == self.run_id and str(info.get("seq")) == str(self.in_flight_seq):
-                return [i for i in str(info.get("file_ids", "")).split(",") if i]
-        return []
+                return info
+        return None
 
     def settle_in_flight(self, redo_ids: Iterable[str]) -> list[str]:
         """After a crash between the two table commits: remove the interrupted commit's segment
@@ -129,6 +153,39 @@ class Committer:
         log.debug("committed seq %d: %d files, %d segment rows (versions %s)", seq, files.num_rows,
                   segments.num_rows, versions)
         return Commit(self.run_id, seq, files.num_rows, segments.num_rows, versions)
+
+    def remove(self, file_ids: Sequence[str]) -> list[Commit]:
+        """Delete the rows of ``file_ids`` from both tables (files gone from the archive): per
+        :data:`REMOVE_BATCH` files one driver commit, ``segments`` first, then ``files``. Earlier
+        versions keep the rows (time travel) until ``vacuum``."""
+        out = []
+        ids = sorted(set(file_ids))
+        for start in range(0, len(ids), REMOVE_BATCH):
+            batch = ids[start:start + REMOVE_BATCH]
+            seq = self.next_seq
+            versions, deleted = {}, {}
+            for name in TABLE_NAMES:
+                versions[name], deleted[name] = self._delete(name, batch, seq)
+            self.next_seq += 1
+            self.n_commits += 1
+            log.info("removed %d file(s) gone from the archive (seq %d: %d files rows, %d segment rows)",
+                     len(batch), seq, deleted["files"], deleted["segments"])
+            out.append(Commit(self.run_id, seq, deleted["files"], deleted["segments"], versions))
+        return out
+
+    def _delete(self, name: str, ids: Sequence[str], seq: int) -> tuple[int, int]:
+        """(table version after, rows deleted) of one removal's delete on table ``name``."""
+        dt_ = self.tables[name]
+        props = CommitProperties(
+            custom_metadata={"run_id": self.run_id, "seq": str(seq), "file_ids": ",".join(ids),
+                             OPERATION_KEY: OP_REMOVE},
+            app_transactions=[Transaction(self.run_id, seq)])
+
+        def delete() -> tuple[int, int]:
+            metrics = dt_.delete(_id_predicate(ids), commit_properties=props)
+            return dt_.version(), int(metrics.get("num_deleted_rows", 0))
+
+        return retry_conflicts(f"removal {seq} from {name}", delete, dt_.update_incremental, COMMIT_ATTEMPTS)
 
     def _write(self, name: str, data: pa.Table, ids: Sequence[str], seq: int) -> int:
         dt_ = self.tables[name]

@@ -57,13 +57,17 @@ def committed_ledger(store: OutputStore) -> dict[str, CommittedFile]:
     return out
 
 
-def pending(store: OutputStore, refs: Sequence[Any], cfg_hash: str) -> list[Any]:
+# The files columns pending() reads.
+PENDING_COLUMNS = ["uri", "version", "etag", "size_bytes", "mtime", "config_hash", "error_type"]
+
+
+def pending(store: OutputStore, refs: Sequence[Any], cfg_hash: str, *, files: pa.Table | None = None) -> list[Any]:
     """The listed files (``FileRef``-like: uri, version) that need processing under config
     ``cfg_hash``: :func:`is_done` for every file, decided in one Arrow join of the listing
-    with the ledger columns of ``files`` (no Python object per table row)."""
+    with the ledger columns of ``files`` (no Python object per table row). ``files``: those
+    columns as the caller already read them (one scan serves several decisions)."""
     refs = list(refs)
-    t = store.read_table("files", columns=["uri", "version", "etag", "size_bytes", "mtime", "config_hash",
-                                           "error_type"])
+    t = files.select(PENDING_COLUMNS) if files is not None else store.read_table("files", columns=PENDING_COLUMNS)
     if t.num_rows == 0 or not refs:
         return refs
     if t["version"].null_count:  # rows written without the column: the listing's own rule

@@ -187,12 +187,13 @@ class OutputStore:
 
     def read_table(self, name: str, *, run_id: str | None = None, latest: bool = True,
                    columns: Sequence[str] | None = None, file_ids: Iterable[str] | None = None,
-                   version: int | None = None) -> pa.Table:
+                   version: int | None = None, where: pc.Expression | None = None) -> pa.Table:
         """Rows of table ``name``: each file's latest result (``latest`` is always true: the
         tables hold nothing else), conformed to this pipeline's schema.
 
-        ``run_id`` keeps the rows that run wrote; ``file_ids`` keeps those files; ``columns``
-        reads only those columns; ``version`` reads an earlier table version (time travel)."""
+        ``run_id`` keeps the rows that run wrote; ``file_ids`` keeps those files; ``where`` keeps
+        the rows matching an Arrow expression of columns the table has; ``columns`` reads only
+        those columns; ``version`` reads an earlier table version (time travel)."""
         del latest
         schema = schemas.TABLES[name]
         want = list(columns) if columns is not None else schema.names
@@ -206,6 +207,8 @@ class OutputStore:
         if file_ids is not None:
             ids = pc.field("file_id").isin(pa.array(sorted(set(file_ids)), pa.string()))
             expr = ids if expr is None else expr & ids
+        if where is not None:
+            expr = where if expr is None else expr & where
         table = scan(dt_, self.path(name) if self.is_local else None, columns=want, filter=expr)
         return schemas.conform(table, sub)
 
