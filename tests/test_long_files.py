@@ -118,8 +118,9 @@ def check_tables(store: OutputStore, durations: dict[str, float]) -> dict:
 
 
 def comparable(tables: dict) -> dict:
-    """Everything but the run's own fields (run id, timing) and where the file was read from."""
-    skip = {"run_id", "processed_at", "mtime", "etag", "version", "uri", "file_id", "size_bytes"}
+    """Everything but the run's own fields (run id, timing) and where the file was read from (its content
+    key too: an S3 ETag there, a sha256 here)."""
+    skip = {"run_id", "processed_at", "mtime", "etag", "version", "uri", "file_id", "size_bytes", "content_hash"}
     return {name: ({k: v for k, v in row.items() if k not in skip},
                    [{k: v for k, v in s.items() if k not in skip} for s in rows])
             for name, (row, rows) in tables.items()}
