@@ -167,37 +167,18 @@ def _committed_names(out: Path) -> set[str]:
     return {u.rsplit("/", 1)[-1] for u in files["uri"].to_pylist()}
 
 
-def test_driver_killed_during_the_two_hour_file_resumes_exactly_once(archive, reference, tmp_path):
+def test_sigterm_then_sigkill_during_the_two_hour_file_then_resume_exactly_once(archive, reference, tmp_path):
+    """A run stopped twice while the two-hour file is in flight, and resumed each time:
+
+    1. SIGTERM (a pod eviction, `ray job stop`): the driver exits 143 well inside Kubernetes' 30 s
+       grace period, the run record says interrupted, the files that were complete are committed;
+    2. the same command resumes it, and its driver is SIGKILLed (a crash): nothing is recorded;
+    3. the same command finishes the run: every row exactly once, across every version of the
+       tables, and the reference run's tables."""
     audio, durations = archive
     out = tmp_path / "out"
     cmd = [*CLI, "run", str(audio), "--out", str(out), *RUN_ARGS]
-    # every short and broken file committed: the long files are what is left in flight
-    kill_driver_when(cmd, lambda: (set(SHORT) | set(BROKEN)) <= _committed_names(out), timeout_s=600,
-                     what="the long files were in flight", after_s=3)
-    before = _committed_names(out)
-    assert "two_hours.opus" not in before, "the kill landed after the two-hour file was committed"
-    store = OutputStore(str(out))
-    (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == RUN_RUNNING
-
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "(resumed)" in done.stdout
-    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == RUN_COMPLETED
-    # exactly once, across every version of the tables (not only the latest view)
-    files = store.read_table("files").to_pylist()
-    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == sorted([*durations, *BROKEN])
-    got = check_tables(store, durations)
-    assert comparable(got) == comparable(reference)
-
-
-def test_sigterm_during_the_two_hour_file_commits_what_is_complete_and_resumes(archive, reference, tmp_path):
-    """SIGTERM (a pod eviction, `ray job stop`) in the middle of the two-hour file: the driver exits
-    143 well inside Kubernetes' 30 s grace period, the run record says interrupted, the files that
-    were complete are committed, and the same command finishes the run with every row once."""
-    audio, durations = archive
-    out = tmp_path / "out"
-    cmd = [*CLI, "run", str(audio), "--out", str(out), *RUN_ARGS]
+    # 1. every short and broken file committed: the long files are what is left in flight
     ended = signal_driver_when(cmd, lambda: (set(SHORT) | set(BROKEN)) <= _committed_names(out), timeout_s=600,
                                what="the long files were in flight", after_s=3, sig=signal.SIGTERM, grace_s=30)
     assert ended.returncode == 143, ended.stderr[-3000:]
@@ -212,10 +193,21 @@ def test_sigterm_during_the_two_hour_file_commits_what_is_complete_and_resumes(a
     assert (set(SHORT) | set(BROKEN)) <= committed and "two_hours.opus" not in committed
     assert rec["counts"]["processed"] == len(committed)
 
+    # 2. the resumed attempt, killed hard while it works on the two-hour file
+    resumed = lambda: len((store.read_run(run_id) or {}).get("resumes", [])) == 1   # noqa: E731
+    kill_driver_when(cmd, resumed, timeout_s=120, what="the resumed attempt started", after_s=12)
+    assert "two_hours.opus" not in _committed_names(out), "the kill landed after the two-hour file was committed"
+    rec = store.read_run(run_id)
+    assert rec["status"] == RUN_RUNNING and len(rec["resumes"]) == 1   # a SIGKILL records nothing
+
+    # 3. the same command again: completed, exactly once, the reference's rows
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
-    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == RUN_COMPLETED
+    rec = store.read_run(run_id)
+    assert store.list_runs() == [run_id] and rec["status"] == RUN_COMPLETED and len(rec["resumes"]) == 2
+    files = store.read_table("files").to_pylist()
+    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == sorted([*durations, *BROKEN])
     got = check_tables(store, durations)
     assert comparable(got) == comparable(reference)
 

@@ -113,8 +113,10 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     assert rec["status"] == RUN_COMPLETED and len(rec["resumes"]) == 1
     assert store.list_runs() == [run_id]
     assert_exactly_once(store, 10)
-    # only the files not committed before the kill were processed again
-    assert rec["counts"]["processed"] == 10 - len(committed_before)
+    # only the files not committed before the kill were processed again, or took the rows of the
+    # same content (clip01, 04 and 07 are the same noise: one committed before the kill is the
+    # others' source)
+    assert rec["counts"]["processed"] + rec["counts"]["reused"] == 10 - len(committed_before)
 
 
 def test_worker_crashes_are_survived(tmp_path, ray_local):
