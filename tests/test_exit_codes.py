@@ -37,8 +37,8 @@ def test_commit_path_and_cli_exit_0_every_time_beside_a_cpu_hog(tmp_path):
     outs = [tmp_path / f"out{i}" for i in range(PROBE_RUNS)]
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        # two at a time: with the hog, both cores are contended, as on a busy CI machine
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # three at a time: with the hog, both cores are contended, as on a busy CI machine
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
             probes = list(pool.map(_run, ([sys.executable, str(PROBE), str(o)] for o in outs)))
             status = list(pool.map(_run, ([*CLI, "status", str(outs[i % PROBE_RUNS])] for i in range(CLI_RUNS))))
     finally:
