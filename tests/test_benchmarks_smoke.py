@@ -47,7 +47,9 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 IN_GPU_SESSION = ("gpu_throughput.py", "engine_throughput.py")
 
 
-@pytest.mark.parametrize("name", sorted(n for n in FINAL_LINES if n not in IN_GPU_SESSION))
+# pipeline_overlap's smoke run starts a local Ray and runs the pipeline end to end (~25 s): slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "pipeline_overlap.py" else n
+                                  for n in sorted(n for n in FINAL_LINES if n not in IN_GPU_SESSION)])
 def test_benchmark_smoke(name, tmp_path):
     extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py", "commit_scale.py") else []
     last = run_script(name, "--smoke", *extra)
@@ -63,6 +65,8 @@ def test_gpu_throughput_skips_without_gpu():
     assert last.startswith("gpu_throughput: skipped, no GPU"), last
 
 
+# four benchmark processes, each importing torch and building tiny models (~35 s): slow
+@pytest.mark.slow
 def test_gpu_session_script_dry_run(tmp_path):
     """benchmarks/gpu_session.sh, the prepared command for a lent GPU machine, runs both models'
     benchmark under their limits and leaves one log per model in $OUT (--smoke: the CPU dry run)."""

@@ -176,6 +176,7 @@ def test_sigterm_then_sigkill_during_the_two_hour_file_then_resume_exactly_once(
     # 1. every short and broken file committed: the long files are what is left in flight
     ended = signal_driver_when(cmd, lambda: (set(SHORT) | set(BROKEN)) <= _committed_names(out), timeout_s=600,
                                what="the long files were in flight", after_s=3, sig=signal.SIGTERM, grace_s=30)
+    print(f"SIGTERM during the two-hour file: exit {ended.returncode} after {ended.exit_s:.1f} s")
     assert ended.returncode == 143, ended.stderr[-3000:]
     assert ended.exit_s < 30
     assert "interrupted by SIGTERM" in ended.stderr

@@ -88,6 +88,7 @@ def test_incremental_runs(tmp_path, ray_local):
     assert len(latest_segs) == 3 * 3   # 5 s in 2 s windows x 3 tasks: only the new rows
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver(tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "out"
     make_clips(audio, 10, seconds=4.0)
@@ -148,6 +149,7 @@ def test_worker_crashes_are_survived(tmp_path, ray_local):
     assert_exactly_once(store, 9)
 
 
+@pytest.mark.slow
 def test_flaky_s3_endpoint(tmp_path, s3_server, ray_local):
     local = tmp_path / "audio"
     make_clips(local, 6, seconds=3.0, fmt="mp3")
@@ -188,6 +190,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"the Ray dashboard did not open port {port} in {timeout} s")
 
 
+@pytest.mark.slow
 def test_ray_job_submit_on_a_local_cluster(tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "out"
     make_clips(audio, 4, seconds=3.0)
@@ -237,6 +240,7 @@ def test_ray_job_submit_on_a_local_cluster(tmp_path):
 SENTINEL = "SENTINEL-SECRET-d41d8cd98f00b204"
 
 
+@pytest.mark.slow
 def test_secret_never_written(tmp_path, s3_server):
     local = tmp_path / "audio"
     make_clips(local, 3, seconds=2.0)
