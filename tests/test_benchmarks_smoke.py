@@ -49,7 +49,7 @@ IN_GPU_SESSION = ("gpu_throughput.py", "engine_throughput.py")
 
 # pipeline_overlap's smoke run starts a local Ray and runs the pipeline end to end (~25 s): slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "pipeline_overlap.py" else n
-                                  for n in sorted(n for n in FINAL_LINES if n not in IN_GPU_SESSION)])
+                                  for n in sorted(FINAL_LINES) if n not in IN_GPU_SESSION])
 def test_benchmark_smoke(name, tmp_path):
     extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py", "commit_scale.py") else []
     last = run_script(name, "--smoke", *extra)
