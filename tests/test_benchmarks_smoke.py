@@ -26,6 +26,8 @@ FINAL_LINES = {
                        r"= \d+\.\d+x wall; committing .* = \d+\.\dx$",
     "content_hash.py": r"^content_hash: sha256 / read of a [\d.]+ GiB file = \d+\.\d+x warm \(.*\)(; \d+\.\d+x cold "
                        r"\(.*\))?$",
+    "search_scale.py": r"^search_scale: [\d,]+ windows: DuckDB ILIKE \d+ ms / index phrase p50 \d+\.\d+ ms = \d+x; "
+                       r"full build \d+\.\d s / one night's update \d+\.\d\d s = \d+\.\dx$",
     # in the main venv vLLM is absent: the HF half runs and the line says skipped; in .venv-vllm
     # (tests/test_vllm_engine.py) the ratio line
     "engine_throughput.py": r"^engine_throughput: (skipped, vLLM is not installed here \(CPU, tiny random model: "
@@ -51,7 +53,8 @@ IN_GPU_SESSION = ("gpu_throughput.py", "engine_throughput.py")
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "pipeline_overlap.py" else n
                                   for n in sorted(FINAL_LINES) if n not in IN_GPU_SESSION])
 def test_benchmark_smoke(name, tmp_path):
-    extra = ["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py", "commit_scale.py") else []
+    extra = (["--dir", str(tmp_path)] if name in ("long_file_memory.py", "pipeline_overlap.py", "commit_scale.py",
+                                                  "search_scale.py") else [])
     last = run_script(name, "--smoke", *extra)
     assert re.match(FINAL_LINES[name], last), f"unexpected final line of {name}: {last!r}"
 
