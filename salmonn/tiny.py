@@ -212,3 +212,162 @@ def write_tiny_parts(directory: str | os.PathLike, seed: int = 0) -> SalmonnConf
     (directory / PARTS_FILE).write_text(json.dumps(spec, indent=2))
     logger.info("wrote tiny SALMONN parts to %s", directory)
     return config_from_parts_dir(directory)
+
+
+# --- Whisper's decoder and tokenizer for timed text (salmonn.whisper_text) ----------------------------
+WHISPER_VOCAB = 51865  # multilingual: 50257 text tokens, specials from 50257, timestamps 50364..51864
+# Decoder of the tiny Whisper: its width is the tiny encoder's (config.whisper.d_model); openai fixes
+# the MLP at 4 x d_model; 448 positions as the official model.
+TINY_WHISPER_DECODER: dict[str, Any] = dict(
+    decoder_layers=4, decoder_attention_heads=4, decoder_ffn_dim=256, max_target_positions=448
+)
+_WHISPER_WORDS = (
+    "the quick brown fox jumps over lazy dog hello world thank you for watching speech music weather "
+    "today tomorrow people talk laugh street cars birds wind trees calmly speaks woman man"
+).split()
+
+
+def _whisper_special_tokens() -> list[str]:
+    from .whisper_text import LANGUAGES
+
+    return [
+        "<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES), "<|translate|>",
+        "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
+    ]  # fmt: skip
+
+
+def tiny_whisper_tokenizer_dir() -> Path:
+    """A Whisper tokenizer with the official multilingual layout, written offline and cached.
+
+    Text tokens 0..50256: the 256 byte-level tokens, whole-word merges for a few words, then
+    fillers (" ab", " abc", ...) that decode as words but are never produced by encoding;
+    <|endoftext|> 50257, <|startoftranscript|> 50258, the 99 languages 50259..50357, <|translate|>,
+    <|transcribe|>, <|startoflm|>, <|startofprev|>, <|nocaptions|>, <|notimestamps|> 50363 and
+    the timestamps <|0.00|>..<|30.00|> 50364..51864."""
+    import itertools
+    import string
+
+    from tokenizers import AddedToken
+    from transformers import WhisperTokenizer
+
+    from .whisper_text import BYTE_ALPHABET
+
+    specials = _whisper_special_tokens()
+    timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    digest = hashlib.sha256(json.dumps([_WHISPER_WORDS, specials, WHISPER_VOCAB, 2]).encode()).hexdigest()[:12]
+    target = _cache_dir() / f"tiny-whisper-tokenizer-{digest}"
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    space = BYTE_ALPHABET[ord(" ")]
+    vocab: dict[str, int] = {}
+    for b in sorted(BYTE_ALPHABET, key=lambda b: (not (33 <= b <= 126 or 161 <= b <= 255 and b != 173), b)):
+        vocab[BYTE_ALPHABET[b]] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in _WHISPER_WORDS:
+        piece = space
+        for ch in word:
+            if piece + ch not in vocab:
+                merges.append((piece, ch))
+                vocab[piece + ch] = len(vocab)
+            piece += ch
+    n_text = WHISPER_VOCAB - len(specials) - len(timestamps)  # 50257
+    fillers = ("".join(p) for n in itertools.count(2) for p in itertools.product(string.ascii_lowercase, repeat=n))
+    for filler in fillers:
+        if len(vocab) >= n_text:
+            break
+        vocab.setdefault(space + filler, len(vocab))
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>", "<|0.00|>"])
+    if ids != [50257, 50258, 50363, 50364] or len(tokenizer) != WHISPER_VOCAB:
+        raise RuntimeError(f"tiny Whisper tokenizer has the wrong layout: {ids}, {len(tokenizer)} tokens")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".wtok-"))
+    tokenizer.save_pretrained(str(staging))
+    # ... and the files of the hub's openai/whisper-large-v2, which older local copies load from
+    # (no tokenizer.json there): vocab.json, merges.txt, added_tokens.json, special_tokens_map.json
+    (staging / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": n_text}, ensure_ascii=False))
+    (staging / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    added = {t: n_text + i for i, t in enumerate([*specials, *timestamps]) if i > 0}
+    (staging / "added_tokens.json").write_text(json.dumps(added, ensure_ascii=False))
+    eot = "<|endoftext|>"
+    (staging / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot})
+    )
+    try:
+        staging.rename(target)  # atomic; a concurrent writer may have won, which is fine
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote tiny Whisper tokenizer in %s", target)
+    return target
+
+
+def tiny_whisper_config(config: SalmonnConfig | None = None):
+    """A full WhisperConfig: the tiny encoder's dims, TINY_WHISPER_DECODER and the official ids."""
+    config = config or SalmonnConfig.from_name("tiny")
+    return config.whisper.to_hf(
+        **TINY_WHISPER_DECODER,
+        vocab_size=WHISPER_VOCAB,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50257,
+        decoder_start_token_id=50258,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+
+
+def build_tiny_whisper_text(
+    seed: int = 0,
+    *,
+    config: SalmonnConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """A random `WhisperText` for the tiny preset (same for the same seed; global RNG untouched).
+
+    Weights are drawn with std 0.1: wide enough that attention is not uniform, narrow enough
+    that it does not saturate (DTW paths then tie)."""
+    from transformers.models.whisper.modeling_whisper import WhisperDecoder
+
+    from .whisper_text import WhisperText, default_alignment_heads, load_whisper_tokenizer
+
+    cfg = tiny_whisper_config(config)
+    cfg._attn_implementation = "eager"
+    tokenizer = load_whisper_tokenizer(tiny_whisper_tokenizer_dir())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = WhisperDecoder(cfg)
+        with torch.no_grad():
+            for name, param in decoder.named_parameters():
+                if name.endswith("weight") and param.dim() == 2:
+                    torch.nn.init.normal_(param, std=0.1)
+    heads = default_alignment_heads(cfg.decoder_layers, cfg.decoder_attention_heads)
+    model = WhisperText(decoder, tokenizer, heads)
+    dtype = dtype or resolve_precision("auto", device).encoder_dtype
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def write_tiny_whisper(
+    directory: str | os.PathLike, seed: int = 0, *, encoder: torch.nn.Module | None = None
+) -> Path:
+    """An HF Whisper folder (config, model.safetensors, tokenizer files) holding the tiny SALMONN's
+    encoder (`build_tiny(seed)`'s, or `encoder`) and `build_tiny_whisper_text(seed)`'s decoder:
+    what `load_whisper_encoder` and `WhisperText.from_pretrained` both read."""
+    from transformers import WhisperForConditionalGeneration
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if encoder is None:
+        encoder = build_tiny(seed).speech_encoder
+    text = build_tiny_whisper_text(seed, dtype=torch.float32)
+    whisper = WhisperForConditionalGeneration(tiny_whisper_config())
+    whisper.model.encoder.load_state_dict(encoder.state_dict())
+    whisper.model.decoder.load_state_dict(text.decoder.state_dict())
+    whisper.save_pretrained(directory)
+    for f in tiny_whisper_tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy(f, directory / f.name)
+    logger.info("wrote tiny Whisper (encoder + decoder + tokenizer) to %s", directory)
+    return directory

@@ -62,9 +62,11 @@ HUB_FILES: dict[str, tuple[str, str, str, str | None]] = {
                  "677c0125de736ab92751385e1e8664cd03c2ce0d"),
 }
 # Files taken from the directory parts (what salmonn.checkpoint reads); pickled weights only when
-# the repo has no safetensors.
+# the repo has no safetensors. Whisper's tokenizer (vocab.json, merges.txt, added_tokens.json,
+# normalizer.json, tokenizer_config.json, special_tokens_map.json) and generation_config.json are
+# for its decoder (salmonn.whisper_text: timed text).
 DIR_PATTERNS: dict[str, tuple[str, ...]] = {
-    "whisper": ("*.json", "*.safetensors"),
+    "whisper": ("*.json", "*.safetensors", "merges.txt"),
     "llm": ("*.json", "*.safetensors", "tokenizer.model"),
 }
 PICKLE_FALLBACK = ("*.bin",)
