@@ -134,8 +134,9 @@ REUSED_SEGMENT_FIELDS = tuple(f.name for f in schemas.SEGMENTS if f.name not in 
 
 def reused_file(ref: FileRef, source: ReuseSource) -> CompleteFile:
     """A file whose content is indexed under another URI, as a complete file: the source's
-    results (what decode found, every segment row with its text, timestamps, task, label and
-    speech ratio) under the file's own ``file_id`` and ``uri``; its files row records where they
+    results (what decode found, every segment row with its text, timestamps, task, label,
+    speech ratio and, v5, language and word timings: media time of the content, so they hold
+    for the copy) under the file's own ``file_id`` and ``uri``; its files row records where they
     came from (``reused_from``). Committed like any other file (:class:`CommitBuffer`).
 
     The source's status, error type and message carry over (a ``partial`` file's content is as

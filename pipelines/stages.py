@@ -126,7 +126,7 @@ class DecodeStage:
             if isinstance(item, Window):
                 if held is not None:
                     yield held
-                held = self.window_row(item, self.speech_ratio(item))
+                held = self.window_row(item, *self.speech(item))
             elif held is not None:
                 held["file_info"] = info_to_struct(item)
                 yield held
@@ -136,19 +136,23 @@ class DecodeStage:
         if self.ledger is not None:
             self.ledger.end(key)
 
-    def speech_ratio(self, w: Window) -> float | None:
-        """The window's share of speech (None: the gate is off)."""
+    def speech(self, w: Window) -> tuple[float | None, list[dict[str, float]] | None]:
+        """The window's share of speech and its speech segments (None, None: the gate is off)."""
         if not self.speech_gate or self.detector is None:
-            return None
-        return 0.0 if w.is_silent else self.detector.speech_ratio(w.samples)
+            return None, None
+        if w.is_silent:
+            return 0.0, []
+        ratio, spans = self.detector.measure(w.samples)
+        return ratio, [{"start_s": a, "end_s": b} for a, b in spans]
 
     @staticmethod
-    def window_row(w: Window, speech_ratio: float | None = None) -> dict[str, Any]:
+    def window_row(w: Window, speech_ratio: float | None = None,
+                   speech_spans: list[dict[str, float]] | None = None) -> dict[str, Any]:
         return {
             "kind": st.KIND_WINDOW, "file_id": w.file_id, "uri": w.uri, "segment_index": w.segment_index,
             "start_s": w.start_s, "end_s": w.end_s,
             "samples": np.ascontiguousarray(w.samples, dtype="<f4").tobytes(),
-            "is_silent": bool(w.is_silent), "speech_ratio": speech_ratio,
+            "is_silent": bool(w.is_silent), "speech_ratio": speech_ratio, "speech_spans": speech_spans,
         }
 
     @staticmethod
@@ -181,9 +185,10 @@ class FailedFile:
     reason: str
 
 
-# The columns of a RESULTS row that make a segments row.
+# The columns of a RESULTS row that make a segments row (v5: with the timed-text columns).
 SEGMENT_FIELDS = ("file_id", "uri", "segment_index", "start_s", "end_s", "task", "prompt", "text",
-                  "lora_scale", "num_beams", "n_output_tokens", "finish_reason", "speech_ratio")
+                  "lora_scale", "num_beams", "n_output_tokens", "finish_reason", "speech_ratio",
+                  *st.TIMED_TEXT_FIELDS)
 
 
 class ResultAssembler:

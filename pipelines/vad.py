@@ -189,6 +189,12 @@ class SpeechDetector:
         """Fraction of the window's duration inside speech segments, in [0, 1]."""
         return self.speech_ratios([samples])[0]
 
+    def measure(self, samples: np.ndarray) -> tuple[float, list[tuple[float, float]]]:
+        """(speech ratio, speech spans in seconds from the window's start) of one window."""
+        mask = self.speech_mask(samples)
+        n = np.asarray(samples).size
+        return ratio_of(mask, n), speech_spans(mask, n)
+
     def speech_ratios(self, windows: Sequence[np.ndarray]) -> list[float]:
         return [ratio_of(speech_frames(p, self.threshold), np.asarray(w).size)
                 for p, w in zip(self.probabilities_batch(windows), windows, strict=True)]
@@ -222,6 +228,15 @@ def speech_frames(probs: np.ndarray, threshold: float = SPEECH_PROB) -> np.ndarr
         if e - s >= MIN_SPEECH_FRAMES:
             mask[max(0, s - PAD_FRAMES):min(n, e + PAD_FRAMES)] = True
     return mask
+
+
+def speech_spans(mask: np.ndarray, n_samples: int) -> list[tuple[float, float]]:
+    """(start_s, end_s) of each speech segment of ``mask``, in seconds from the window's start (the
+    last frame cut to ``n_samples``): where words may be (``salmonn.timing.place_words``)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], np.asarray(mask, bool), [False])).astype(np.int8)))
+    end = n_samples / SAMPLE_RATE
+    return [(min(end, a * FRAME / SAMPLE_RATE), min(end, b * FRAME / SAMPLE_RATE))
+            for a, b in zip(edges[::2], edges[1::2])]
 
 
 def ratio_of(mask: np.ndarray, n_samples: int) -> float:

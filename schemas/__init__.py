@@ -12,7 +12,10 @@ import pyarrow as pa
 # run states) are defined in schemas.vocabulary; re-exported here for the table checks below.
 from schemas.vocabulary import EMOTION_LABELS as EMOTION_LABELS
 from schemas.vocabulary import FINISH_LENGTH as FINISH_LENGTH
+from schemas.vocabulary import FINISH_LOW_LOGPROB as FINISH_LOW_LOGPROB
+from schemas.vocabulary import FINISH_NO_SPEECH_PROB as FINISH_NO_SPEECH_PROB
 from schemas.vocabulary import FINISH_REASONS as FINISH_REASONS
+from schemas.vocabulary import FINISH_REPETITIVE as FINISH_REPETITIVE
 from schemas.vocabulary import FINISH_STOP as FINISH_STOP
 from schemas.vocabulary import STATUS_ERROR as STATUS_ERROR
 from schemas.vocabulary import STATUS_OK as STATUS_OK
@@ -36,10 +39,35 @@ from schemas.vocabulary import STATUSES as STATUSES
 #        the store has no content hash) and ``reused_from`` (the uri whose results were copied
 #        into this row without decoding or generating; null for files processed by this row's
 #        run). Rows of earlier versions read with both null.
-SCHEMA_VERSION = "4"
+#   "5"  timed text (Whisper's decoder on SALMONN's Whisper encoder output): segments gain
+#        ``language`` (Whisper's language code for the window, e.g. "en"; the same on every task
+#        row of a window), ``language_prob`` (its probability), ``words`` (the word timings of the
+#        row's text: a list of WORD structs, times absolute in the file in seconds; null = not
+#        timed, an empty list = timed, no word), and for the Whisper transcript task (task
+#        ``whisper``) faster-whisper's quality measures ``avg_logprob``, ``compression_ratio`` and
+#        ``no_speech_prob`` (null on other rows). finish_reason gains ``low_logprob``,
+#        ``repetitive`` and ``no_speech_prob`` (a Whisper answer that failed one of
+#        faster-whisper's checks; see schemas.vocabulary). The words live in ``segments`` as a
+#        nested list, so one row still holds one (window, task) result and the commit protocol
+#        is unchanged; ``unnest(words)`` lists them (README, Queries). Tables of earlier versions
+#        gain the columns on the next write (pipelines.output.tables.evolve, or
+#        ``salmonn-pipeline migrate OUT`` at once); their rows read with the columns null.
+SCHEMA_VERSION = "5"
 METADATA_KEY = b"salmonn_pipeline.schema_version"
 
 _TS = pa.timestamp("us", tz="UTC")
+
+# v5: one timed word of ``segments.words``: its text as the aligner gave it (Whisper's words keep
+# their leading space: " Hello", and punctuation is merged into the word next to it), its start
+# and end in seconds of media time (absolute in the file, like start_s/end_s), and the aligner's
+# confidence (Whisper: the mean probability of the word's tokens; null where there is none).
+WORD = pa.struct([
+    pa.field("word", pa.string()),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("probability", pa.float32()),
+])
+WORDS = pa.list_(WORD)
 
 
 def _with_version(fields: list[pa.Field]) -> pa.Schema:
@@ -92,6 +120,12 @@ SEGMENTS = _with_version([
     pa.field("model_id", pa.string()),
     pa.field("label", pa.string()),            # v2: emotion label (EMOTION_LABELS) or null
     pa.field("speech_ratio", pa.float32()),    # v3: share of the window inside speech (VAD); null: gate off
+    pa.field("language", pa.string()),         # v5: Whisper's language code of the window ("en"); null: not identified
+    pa.field("language_prob", pa.float32()),   # v5: the probability Whisper gave that language
+    pa.field("words", WORDS),                  # v5: word timings of the text (absolute s); null: not timed
+    pa.field("avg_logprob", pa.float32()),     # v5: whisper task: mean log-probability of its tokens
+    pa.field("compression_ratio", pa.float32()),   # v5: whisper task: gzip compression ratio of its text
+    pa.field("no_speech_prob", pa.float32()),  # v5: whisper task: probability of <|nospeech|> at its start
 ])
 
 TABLES: dict[str, pa.Schema] = {"files": FILES, "segments": SEGMENTS}

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas import FILES
+from schemas import FILES, SEGMENTS
 
 # ``kind`` column values
 KIND_WINDOW = "window"              # decode -> infer: one audio window
@@ -67,8 +67,17 @@ WINDOWS = pa.schema([
     pa.field("samples", pa.binary()),          # (N,) float32 little-endian, 16 kHz mono
     pa.field("is_silent", pa.bool_()),         # digital silence: no sample above one 16-bit LSB
     pa.field("speech_ratio", pa.float32()),    # fraction of the window with speech; null: not measured
+    # the VAD's speech segments, seconds from the window's start (where words may be: timed text);
+    # null: not measured (speech gate off)
+    pa.field("speech_spans", pa.list_(pa.struct([pa.field("start_s", pa.float32()),
+                                                  pa.field("end_s", pa.float32())]))),
     pa.field("file_info", FILE_INFO),
 ])
+
+# The segments columns of timed text (schema v5) a RESULTS row carries to the driver: the window's
+# language, the row's word timings and the Whisper task's quality measures. All nullable: a
+# producer that does not set them (a row without the key) sends nulls (:func:`build`).
+TIMED_TEXT_FIELDS = ("language", "language_prob", "words", "avg_logprob", "compression_ratio", "no_speech_prob")
 
 # infer -> driver: one row per (window, task), window errors, and file rows passed through
 RESULTS = pa.schema([
@@ -81,16 +90,31 @@ RESULTS = pa.schema([
     pa.field("n_output_tokens", pa.int32()),
     pa.field("finish_reason", pa.string()),
     pa.field("speech_ratio", pa.float32()),
+    # v5 timed text (the segments columns of the same names; null where a row has none)
+    *(SEGMENTS.field(n).remove_metadata() for n in TIMED_TEXT_FIELDS),
     pa.field("error_type", pa.string()),       # window_error rows: e.g. worker_crash, inference_error
     pa.field("error", pa.string()),            # window_error rows: "ExceptionType: message"
     pa.field("file_info", FILE_INFO),
 ])
 
-# Arrow types Ray Data may hand back in place of ours when it concatenates blocks: same values.
+# Arrow types Ray Data may hand back in place of ours when it concatenates blocks: same values
+# (also inside nested types: the words list of structs, see :func:`_regular`).
 _EQUIVALENT = {
     pa.large_string(): pa.string(),
     pa.large_binary(): pa.binary(),
 }
+
+
+def _regular(t: pa.DataType) -> pa.DataType:
+    """``t`` with every large_string/large_binary/large_list inside it made regular (and list
+    items named ``item``, as pyarrow names them: Parquet readers say ``element``)."""
+    if t in _EQUIVALENT:
+        return _EQUIVALENT[t]
+    if pa.types.is_large_list(t) or pa.types.is_list(t):
+        return pa.list_(pa.field("item", _regular(t.value_type), t.value_field.nullable))
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_regular(t.field(i).type)) for i in range(t.num_fields)])
+    return t
 
 
 class StageSchemaError(TypeError):
@@ -99,6 +123,9 @@ class StageSchemaError(TypeError):
 
 def build(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, stage: str) -> pa.Table:
     """Rows (dicts; missing keys are null) -> a table of exactly ``schema``.
+
+    So a producer written before a nullable column was added (e.g. the v5 timed-text columns of
+    ``RESULTS``) keeps working: its rows send nulls there.
 
     Raises :class:`StageSchemaError` naming the column for an unknown key, a value of the wrong
     type or a null in a required column.
@@ -135,7 +162,7 @@ def check(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
     for field in schema:
         col = table.column(field.name)
         if col.type != field.type:
-            if _EQUIVALENT.get(col.type) == field.type:
+            if _regular(col.type) == field.type:
                 col = col.cast(field.type)
             else:
                 raise StageSchemaError(f"{stage}: column {field.name!r} is {col.type}, the schema says "

@@ -6,7 +6,8 @@
   README against it). A new error type is one more entry here.
 * run states (``_runs/<run_id>/run.json`` ``status``): :data:`RUN_STATES`.
 * file statuses, finish reasons and emotion labels: the values of ``files.status``,
-  ``segments.finish_reason`` and ``segments.label``.
+  ``segments.finish_reason`` and ``segments.label``. (Task names are defined with their prompts in
+  ``salmonn.prompts``, not here.)
 
 Pure Python, no imports: every package (decode actors, the driver, operator tools) can use it.
 """
@@ -27,7 +28,16 @@ FINISH_LENGTH = "length"  # max_new_tokens reached
 # The speech gate (--speech-gate on) writes these rows without generating: text null, 0 tokens.
 FINISH_NO_SPEECH = "no_speech"  # a task that needs speech, on a window whose speech ratio is below the threshold
 FINISH_SILENCE = "silence"      # any task, on a digitally silent window (no sample above one 16-bit LSB)
-FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_NO_SPEECH, FINISH_SILENCE)
+# v5: a Whisper answer (task ``whisper``) that fails one of faster-whisper's checks of a decoded
+# window keeps its text, words and measures (avg_logprob, compression_ratio, no_speech_prob) but
+# gets one of these instead of stop/length (checked in this order; thresholds are faster-whisper's
+# defaults, which it uses to retry at a higher temperature or to drop the segment):
+FINISH_NO_SPEECH_PROB = "no_speech_prob"  # no_speech_prob > 0.6 and avg_logprob < -1.0: most likely nobody
+                                          # speaks (faster-whisper drops such a segment)
+FINISH_REPETITIVE = "repetitive"          # compression_ratio > 2.4: the text repeats itself (a decoding loop)
+FINISH_LOW_LOGPROB = "low_logprob"        # avg_logprob < -1.0: the decoder was unsure of its own text
+FINISH_WHISPER_FAILED = (FINISH_NO_SPEECH_PROB, FINISH_REPETITIVE, FINISH_LOW_LOGPROB)
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_NO_SPEECH, FINISH_SILENCE, *FINISH_WHISPER_FAILED)
 FINISH_SKIPPED = (FINISH_NO_SPEECH, FINISH_SILENCE)   # rows the gate answered without the model
 
 # --- segments.label (emotion task rows; pipelines.labels maps the free-text answer onto them) --
@@ -49,6 +59,7 @@ DRIVER = "driver"        # produced by the driver itself (pipelines.run, pipelin
 INFERENCE_ERROR = "inference_error"
 WORKER_CRASH = "worker_crash"
 PIPELINE_ERROR = "pipeline_error"
+ROWS_LOST = "rows_lost"      # written by a repair (pipelines.output.health), never by processing
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,10 @@ _ERRORS = (
               "the file killed its worker process on every attempt (it would again on every run)"),
     ErrorType(PIPELINE_ERROR, DRIVER, True,
               "no result came back for the file in any pass of the run (a worker died each time)"),
+    ErrorType(ROWS_LOST, DRIVER, True,
+              "a data file of `segments` disappeared and took some of the file's rows with it; `maintain "
+              "--repair` marked the file (status `partial`, the rows that survived kept) so that the next run "
+              "processes it again"),
 )
 
 ERRORS: dict[str, ErrorType] = {e.name: e for e in _ERRORS}

@@ -192,3 +192,180 @@ def test_rows_without_label_get_it_from_the_text(tmp_path):
     assert [r["custom"]["label"] for r in rows] == [emotion_label(r["text"]) for r in rows]
     d = report.collect(str(tmp_path / "out"))
     assert sum(d.label_counts.values()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed text (schema v5): cues from words, WebVTT word timestamps, Lhotse word alignments
+# ---------------------------------------------------------------------------------------------
+
+TALK = [   # (window start, end, text spoken in it; None: the row has no words, one cue per window)
+    (0.0, 30.0, "Good evening and welcome. Tonight we look at the history of the city's bridges, from the "
+                "first wooden crossings of the twelfth century to the steel arches that carry the trains today. "
+                "Our guide is a historian who has spent thirty years in the archives, and she has brought "
+                "some remarkable pictures with her."),
+    (30.0, 60.0, "Thank you. It is a pleasure to be here & to talk about <bridges>, which I love. The oldest "
+                 "one we know of was built in eleven forty two, and it lasted barely a decade."),
+    (60.0, 75.0, None),
+]
+
+
+def _talk_words(start: float, end: float, text: str) -> list[dict]:
+    """Whisper-style words spread over the window at ~15 characters a second, a 0.6-s pause
+    after each sentence."""
+    out, t = [], start + 0.4
+    for w in text.split():
+        d = max(0.15, len(w) / 15.0)
+        out.append({"word": " " + w, "start_s": round(t, 3), "end_s": round(t + d, 3), "probability": 0.93})
+        t += d + (0.6 if w.endswith(".") else 0.04)
+    assert t < end
+    return out
+
+
+@pytest.fixture(scope="module")
+def timed_out(tmp_path_factory):
+    import pyarrow as pa
+
+    import schemas
+    from pipelines.output import CommittedFile, Committer, OutputStore
+
+    out = str(tmp_path_factory.mktemp("timed") / "out")
+    uri = fx.PREFIX + "talk.wav"
+    fid = fx.file_id(uri)
+    segs = []
+    for i, (start, end, text) in enumerate(TALK):
+        words = _talk_words(start, end, text) if text else None
+        common = {"file_id": fid, "uri": uri, "segment_index": i, "start_s": start, "end_s": end, "run_id": fx.RUN1,
+                  "finish_reason": "stop", "language": "en", "language_prob": 0.98}
+        segs.append({**common, "task": "transcribe", "text": text or "a window the aligner did not time",
+                     "words": words})
+        segs.append({**common, "task": "whisper", "text": text or "", "words": words or [], "avg_logprob": -0.2,
+                     "compression_ratio": 1.4, "no_speech_prob": 0.01})
+        segs.append({**common, "task": "caption", "text": f"a caption of window {i}", "language": None,
+                     "language_prob": None})
+    files = pa.Table.from_pylist([{"file_id": fid, "uri": uri, "status": "ok", "run_id": fx.RUN1, "n_segments": 3,
+                                   "duration_s": 75.0, "config_hash": "h"}], schema=schemas.FILES)
+    Committer(OutputStore(out), fx.RUN1).commit(files, pa.Table.from_pylist(segs, schema=schemas.SEGMENTS),
+                                                [CommittedFile(fid, uri, "v1", "h", "ok", None, fx.RUN1, 0)])
+    return out
+
+
+def ffmpeg_cues(path) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue as FFmpeg's demuxer (libavformat, through PyAV) reads it."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.subtitles[0]
+        tb = float(stream.time_base)
+        return [(p.pts * tb, (p.pts + p.duration) * tb, bytes(p).decode()) for p in container.demux(stream) if p.size]
+
+
+def test_srt_cues_from_words_keep_the_captioners_limits(timed_out, tmp_path):
+    res = export.export(timed_out, fmt="srt", task="transcribe", to=str(tmp_path))
+    assert res.segments == 3
+    subs = list(srt.parse((tmp_path / "talk.srt").read_text()))
+    timed_subs, window = subs[:-1], subs[-1]
+    assert len(timed_subs) >= 8                                          # two windows of speech, cut small
+    for s in timed_subs:
+        lines = s.content.split("\n")
+        assert len(lines) <= 2 and all(len(x) <= 42 for x in lines), s.content
+        assert (s.end - s.start).total_seconds() <= 7.0
+        assert s.end.total_seconds() <= 60.0
+    for a, b in zip(subs, subs[1:]):
+        assert a.end <= b.start                                          # never overlapping
+    # every word once, in order, across the window boundary at 30 s
+    shown = " ".join(s.content.replace("\n", " ") for s in timed_subs)
+    assert shown == " ".join(t for _, _, t in TALK if t)
+    assert any(s.content.replace("\n", " ").startswith("Thank you.") for s in timed_subs)   # a sentence starts a cue
+    # the window without words keeps its one cue
+    assert (window.start.total_seconds(), window.end.total_seconds()) == (60.0, 75.0)
+    assert window.content == "a window the aligner did not time"
+    # FFmpeg reads the same cues
+    cues = ffmpeg_cues(tmp_path / "talk.srt")
+    assert [(round(a, 3), round(b, 3)) for a, b, _ in cues] == [
+        (s.start.total_seconds(), s.end.total_seconds()) for s in subs]
+
+
+def test_vtt_word_timestamps(timed_out, tmp_path):
+    import re
+
+    export.export(timed_out, fmt="vtt", task="whisper", to=str(tmp_path / "plain"))
+    export.export(timed_out, fmt="vtt", task="whisper", to=str(tmp_path / "karaoke"), word_timestamps=True)
+    plain = webvtt.read(str(tmp_path / "plain" / "talk.vtt")).captions
+    karaoke = webvtt.read(str(tmp_path / "karaoke" / "talk.vtt")).captions
+    # the whisper task's empty window: no cue at all; the others as for transcribe
+    assert len(plain) == len(karaoke) >= 8 and plain[-1].end_in_seconds <= 60
+    body = (tmp_path / "karaoke" / "talk.vtt").read_text()
+    assert "&amp;" in body and "&lt;bridges&gt;," in body               # escaped, never a tag
+    n_tags = 0
+    for p, k in zip(plain, karaoke):
+        assert (p.start, p.end) == (k.start, k.end)
+        raw = k.raw_text
+        stamps = re.findall(r"<(\d\d):(\d\d):(\d\d)\.(\d\d\d)>", raw)
+        times = [int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for h, m, s, ms in stamps]
+        assert times == sorted(times)
+        assert all(k.start_in_seconds <= t <= k.end_in_seconds + 1 for t in times)
+        assert re.sub(r"<[\d:.]+>", "", raw) == p.raw_text                # the same text without its tags
+        assert len(stamps) == len(p.raw_text.split()) - 1                 # every word but the first
+        n_tags += len(stamps)
+    assert n_tags > 50
+    # FFmpeg's WebVTT demuxer reads every cue, tags included
+    cues = ffmpeg_cues(tmp_path / "karaoke" / "talk.vtt")
+    assert len(cues) == len(karaoke) and "<00:00:0" in cues[0][2]
+    for a, b, text in cues:
+        times = [int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+                 for h, m, s, ms in re.findall(r"<(\d\d):(\d\d):(\d\d)\.(\d\d\d)>", text)]
+        assert all(a < t < b for t in times), (a, b, times)
+
+
+def test_vtt_word_timestamps_on_the_cli(timed_out, tmp_path, capsys):
+    from pipelines.cli import main as cli_main
+
+    assert cli_main(["export", timed_out, "--format", "vtt", "--to", str(tmp_path), "--vtt-word-timestamps"]) == 0
+    assert "<00:00:0" in (tmp_path / "talk.vtt").read_text()
+    assert cli_main(["export", timed_out, "--format", "srt", "--to", str(tmp_path), "--vtt-word-timestamps"]) == 2
+    assert "needs --format vtt" in capsys.readouterr().err
+
+
+def _check_lhotse_layout(rows: list[dict]) -> None:
+    """Lhotse's documented layout: SupervisionSegment fields, alignment {"word": [AlignmentItem]}
+    with AlignmentItem = (symbol, start, duration, score), start relative to the recording."""
+    for r in rows:
+        assert {"id", "recording_id", "start", "duration", "channel", "text"} <= set(r)
+        for item in r.get("alignment", {}).get("word", []):
+            symbol, start, duration, score = item
+            assert isinstance(symbol, str) and symbol == symbol.strip() and symbol
+            assert r["start"] <= start and start + duration <= r["start"] + r["duration"] + 1e-6
+            assert duration >= 0 and (score is None or 0 <= score <= 1)
+
+
+def test_jsonl_carries_word_alignments_lhotse_reads(timed_out, tmp_path):
+    export.export(timed_out, fmt="jsonl", task="transcribe", to=str(tmp_path))
+    path = tmp_path / "talk.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    _check_lhotse_layout(rows)
+    assert [r["language"] for r in rows] == ["en"] * 3 and rows[0]["custom"]["language_prob"] == pytest.approx(0.98)
+    assert "alignment" not in rows[2]                                    # not timed
+    words = rows[1]["alignment"]["word"]
+    assert words[0][:2] == ["Thank", pytest.approx(30.4)]               # absolute in the recording
+    assert " ".join(w[0] for w in words) == TALK[1][2]
+
+    import lhotse
+    sups = lhotse.SupervisionSet.from_jsonl(str(path))
+    first = list(sups)[1]
+    assert first.language == "en" and first.start == 30.0
+    ali = first.alignment["word"]
+    assert isinstance(ali[0], lhotse.supervision.AlignmentItem)
+    assert (ali[0].symbol, ali[0].start) == ("Thank", pytest.approx(30.4))
+    assert ali[0].score == pytest.approx(0.93)
+    # Lhotse's own operations keep them: a cut of the recording from 30 s holds the words at 0.4 s
+    shifted = first.with_offset(-30.0)
+    assert shifted.start == 0.0
+
+
+def test_caption_rows_without_words_keep_one_cue_per_window(timed_out, tmp_path):
+    export.export(timed_out, fmt="srt", task="caption", to=str(tmp_path))
+    subs = list(srt.parse((tmp_path / "talk.srt").read_text()))
+    assert [(s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [(0, 30), (30, 60), (60, 75)]
+    export.export(timed_out, fmt="jsonl", task="caption", to=str(tmp_path / "j"))
+    rows = [json.loads(x) for x in (tmp_path / "j" / "talk.jsonl").read_text().splitlines()]
+    assert all("alignment" not in r and "language" not in r for r in rows)

@@ -5,12 +5,24 @@ table, ``OutputStore.read_table``), so text of a superseded run never leaks into
 Segments are written in time order with their timestamps:
 
 * ``srt``    SubRip cues ``HH:MM:SS,mmm --> HH:MM:SS,mmm``;
-* ``vtt``    WebVTT (``WEBVTT`` header, ``HH:MM:SS.mmm`` cues);
+* ``vtt``    WebVTT (``WEBVTT`` header, ``HH:MM:SS.mmm`` cues); with ``word_timestamps``
+             (``--vtt-word-timestamps``) every word of a timed cue but its first is preceded by
+             its start as a timestamp tag (``Hello <00:00:01.240>world``, WebVTT's karaoke style);
 * ``jsonl``  one JSON object per segment with Lhotse ``SupervisionSegment`` field names
              (``id``, ``recording_id``, ``start``, ``duration``, ``channel``, ``text``, ``language``,
-             ``custom``), so ``lhotse.SupervisionSet.from_jsonl`` and similar tools read it; the
-             pipeline's own columns go under ``custom``;
+             ``alignment``, ``custom``), so ``lhotse.SupervisionSet.from_jsonl`` and similar tools
+             read it; the pipeline's own columns go under ``custom``. A timed row (schema v5
+             ``words``) carries ``alignment: {"word": [[word, start, duration, probability], ...]}``,
+             Lhotse's ``AlignmentItem`` (symbol, start, duration, score) with ``start`` in seconds of
+             the recording, as Lhotse's alignments are;
 * ``txt``    the texts, one segment per line, in time order.
+
+Subtitle cues (srt, vtt): rows with word timings (``segments.words``, non-empty) are cut into
+cues the way captioners cut them (:mod:`pipelines.subtitles`: at most 42 characters a line, 2
+lines, 7 s, ~20 characters a second, split at sentence ends, pauses and commas, lines broken at
+the best place), across window boundaries; rows without words keep one cue per window, their
+text as it is. No two cues overlap (where windows overlap, words of a window are kept up to the
+next window's start).
 
 Output names: ``<stem>.<ext>``, under the input's directory relative to the common directory of
 all exported inputs (so ``a/x.mp3`` and ``b/x.mp3`` do not collide); two inputs with the same
@@ -37,6 +49,7 @@ from typing import Any
 
 import fsspec
 
+from pipelines import subtitles
 from pipelines.labels import segment_label
 from pipelines.output import OutputStore
 from pipelines.sources import file_id_for
@@ -59,6 +72,15 @@ class Segment:
     label: str | None
     run_id: str
     model_id: str | None
+    words: Sequence[Mapping[str, Any]] | None = None   # v5: word timings (absolute); None: not timed
+    language: str | None = None                        # v5: Whisper's language code of the window
+    language_prob: float | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether the row has words to cut cues from (an empty list is timed, but shows nothing
+        a window cue would not: such a row keeps its window cue)."""
+        return bool(self.words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,41 +127,131 @@ def cue_text(text: str) -> str:
     return "\n".join(ln for ln in lines if ln).replace("-->", "\u2192")
 
 
+def vtt_escape(text: str) -> str:
+    """Text as WebVTT cue text: ``&``, ``<`` and ``>`` as character references (``<`` would
+    start a tag)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cues: one input's segments (time order) -> subtitle cues
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ExportCue:
+    cue: subtitles.Cue
+    ident: str          # WebVTT cue identifier: "<task>-<segment_index>" (-<n> for word cues)
+
+
+def _window_words(segments: Sequence[Segment]) -> list[tuple[Segment, list[Mapping[str, Any]]]]:
+    """Each timed row with its words, a window's words kept up to the next window's start (so
+    overlapping windows, hop < window, show no word twice)."""
+    out = []
+    for k, s in enumerate(segments):
+        words = [w for w in s.words or () if w.get("start_s") is not None]
+        if k + 1 < len(segments) and segments[k + 1].start_s < s.end_s:
+            words = [w for w in words if w["start_s"] < segments[k + 1].start_s]
+        out.append((s, words))
+    return out
+
+
+def build_export_cues(segments: Sequence[Segment], **cue_options: Any) -> list[ExportCue]:
+    """The subtitle cues of one input's segments (time order): consecutive timed rows' words cut
+    into cues with :func:`pipelines.subtitles.build_cues` (``cue_options`` are its keyword
+    arguments), every other row one cue of its window; none overlapping."""
+    out: list[ExportCue] = []
+    run: list[tuple[Segment, list[Mapping[str, Any]]]] = []
+
+    def flush() -> None:
+        words = [w for _, ws in run for w in ws]
+        counts: collections.Counter[int] = collections.Counter()
+        for cue in subtitles.build_cues(words, **cue_options):
+            owner = next((s for s, _ in reversed(run) if s.start_s <= cue.start_s), run[0][0])
+            counts[owner.segment_index] += 1
+            out.append(ExportCue(cue, f"{owner.task}-{owner.segment_index}-{counts[owner.segment_index]}"))
+        run.clear()
+
+    for s, words in _window_words(segments):
+        if s.timed:
+            run.append((s, words))
+            continue
+        if run:
+            flush()
+        text = cue_text(s.text or "")
+        if text:
+            out.append(ExportCue(subtitles.Cue(s.start_s, s.end_s, tuple(text.split("\n")), ()),
+                                 f"{s.task}-{s.segment_index}"))
+    if run:
+        flush()
+    # window cues meet word cues: no overlap (contiguous windows stay contiguous)
+    ordered = sorted(out, key=lambda c: c.cue.start_s)
+    separated = subtitles.separate([c.cue for c in ordered], min_gap_s=0.0)
+    return [dataclasses.replace(c, cue=cue) for c, cue in zip(ordered, separated)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Writers: one input's segments (time order) -> file content
 # ---------------------------------------------------------------------------------------------
 
-def to_srt(segments: Sequence[Segment]) -> str:
+def to_srt(segments: Sequence[Segment], **cue_options: Any) -> str:
     cues = []
-    for n, s in enumerate(segments, 1):
-        cues.append(f"{n}\n{srt_time(s.start_s)} --> {srt_time(s.end_s)}\n{cue_text(s.text or '')}\n")
+    for n, c in enumerate(build_export_cues(segments, **cue_options), 1):
+        cues.append(f"{n}\n{srt_time(c.cue.start_s)} --> {srt_time(c.cue.end_s)}\n{c.cue.text}\n")
     return "\n".join(cues)
 
 
-def to_vtt(segments: Sequence[Segment]) -> str:
+def to_vtt(segments: Sequence[Segment], *, word_timestamps: bool = False, **cue_options: Any) -> str:
+    """WebVTT; ``word_timestamps``: a timestamp tag before each word of a timed cue but its first."""
     cues = ["WEBVTT\n"]
-    for s in segments:
-        cues.append(f"{s.task}-{s.segment_index}\n{vtt_time(s.start_s)} --> {vtt_time(s.end_s)}\n"
-                    f"{cue_text(s.text or '')}\n")
+    for c in build_export_cues(segments, **cue_options):
+        if word_timestamps and c.cue.words:
+            lines = subtitles.timed_lines(c.cue, vtt_time, escape=vtt_escape)
+        else:
+            lines = tuple(vtt_escape(line) for line in c.cue.lines)
+        cues.append(f"{c.ident}\n{vtt_time(c.cue.start_s)} --> {vtt_time(c.cue.end_s)}\n" + "\n".join(lines) + "\n")
     return "\n".join(cues)
+
+
+def lhotse_word_alignment(words: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Word timings as Lhotse ``AlignmentItem`` lists ``[symbol, start, duration, score]``: the
+    word without its surrounding spaces, its start in seconds of the recording, its duration and
+    its probability (None where there is none). Words without a time or text are left out."""
+    out: list[list[Any]] = []
+    for w in words:
+        text = " ".join(clean_text(w.get("word") or "")[0].split())
+        if not text or w.get("start_s") is None:
+            continue
+        start = float(w["start_s"])
+        end = float(w["end_s"]) if w.get("end_s") is not None else start
+        prob = w.get("probability")
+        out.append([text, round(start, 6), round(max(0.0, end - start), 6),
+                    None if prob is None else round(float(prob), 6)])
+    return out
 
 
 def to_jsonl(segments: Sequence[Segment], recording_id: str) -> str:
     rows = []
     for s in segments:
-        custom = {"uri": s.uri, "file_id": s.file_id, "segment_index": s.segment_index, "end": s.end_s,
-                  "task": s.task, "run_id": s.run_id, "model_id": s.model_id}
+        custom: dict[str, Any] = {"uri": s.uri, "file_id": s.file_id, "segment_index": s.segment_index,
+                                  "end": s.end_s, "task": s.task, "run_id": s.run_id, "model_id": s.model_id}
         if s.label is not None:
             custom["label"] = s.label
-        rows.append(json.dumps({
+        if s.language_prob is not None:
+            custom["language_prob"] = round(float(s.language_prob), 6)
+        row: dict[str, Any] = {
             "id": f"{recording_id}-{s.task}-{s.segment_index:05d}",
             "recording_id": recording_id,
             "start": round(s.start_s, 6),
             "duration": round(s.end_s - s.start_s, 6),
             "channel": 0,
             "text": s.text,
-            "custom": custom,
-        }, ensure_ascii=False))
+        }
+        if s.language is not None:
+            row["language"] = s.language
+        if s.words is not None:
+            row["alignment"] = {"word": lhotse_word_alignment(s.words)}
+        row["custom"] = custom
+        rows.append(json.dumps(row, ensure_ascii=False))
     return "".join(r + "\n" for r in rows)
 
 
@@ -258,6 +370,8 @@ def latest_segments(out: str, task: str, *, where: str | None = None, run_id: st
     for row in table.select(cols).to_pylist():
         if row["label"] is None:  # rows written before schema version 2: the same mapping
             row["label"] = segment_label(row["task"], row["text"])
+        if row["words"] is not None:
+            row["words"] = tuple(row["words"])
         by_uri[row["uri"]].append(Segment(**row))
     for segs in by_uri.values():
         segs.sort(key=lambda s: (s.start_s, s.segment_index))
@@ -266,10 +380,17 @@ def latest_segments(out: str, task: str, *, where: str | None = None, run_id: st
 
 def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, run_id: str | None = None,
            storage_options: Mapping[str, Any] | None = None,
-           to_storage_options: Mapping[str, Any] | None = None) -> ExportResult:
-    """Write one ``fmt`` file per input under ``to``; see the module docstring."""
+           to_storage_options: Mapping[str, Any] | None = None, word_timestamps: bool = False,
+           cue_options: Mapping[str, Any] | None = None) -> ExportResult:
+    """Write one ``fmt`` file per input under ``to``; see the module docstring.
+
+    ``word_timestamps``: vtt only, word timestamp tags in timed cues. ``cue_options``: keyword
+    arguments of :func:`pipelines.subtitles.build_cues` (``max_line``, ``max_cps``, ...)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if word_timestamps and fmt != "vtt":
+        raise ValueError("word timestamps are a WebVTT feature: use them with format vtt")
+    options = dict(cue_options or {})
     by_uri = latest_segments(out, task, where=where, run_id=run_id, storage_options=storage_options)
     if not by_uri:
         log.warning("no %s segments under %s%s", task, out, f" for URIs starting with {where!r}" if where else "")
@@ -280,16 +401,16 @@ def export(out: str, *, fmt: str, task: str, to: str, where: str | None = None, 
     for uri in sorted(by_uri):
         segs = by_uri[uri]
         if fmt in ("srt", "vtt"):
-            kept = [s for s in segs if s.text and cue_text(s.text)]   # a cue needs text to show
+            kept = [s for s in segs if s.timed or (s.text and cue_text(s.text))]   # a cue needs text to show
             skipped += len(segs) - len(kept)
             segs = kept
         if not segs:
             continue
         rec_id = names[uri]
         if fmt == "srt":
-            content = to_srt(segs)
+            content = to_srt(segs, **options)
         elif fmt == "vtt":
-            content = to_vtt(segs)
+            content = to_vtt(segs, word_timestamps=word_timestamps, **options)
         elif fmt == "jsonl":
             content = to_jsonl(segs, rec_id)
         else:

@@ -1,5 +1,7 @@
 """The conversion of an output of the earlier layout into Delta tables (:func:`migrate`,
-``salmonn-pipeline migrate OUT``), and the reading of that layout it needs.
+``salmonn-pipeline migrate OUT``), and the reading of that layout it needs; on an output that
+already is Delta tables, ``migrate`` brings tables of an earlier schema version to this one (the
+new columns added, null in the existing rows: what the next run's first write would do).
 
 The earlier layout wrote Parquet parts (``OUT/<table>/run_id=<RUN>/``, schema v1/v2) and one JSON
 commit record per driver commit (``OUT/_runs/<RUN>/commits/<seq>.json``). It is converted once, in
@@ -20,11 +22,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 import schemas
 from pipelines.output.commit import with_ledger_columns
 from pipelines.output.ledger import CommittedFile
+from pipelines.output.runs import RunRecord
 from pipelines.output.store import (
     COMMITS_DIR,
     LEGACY_DIR,
@@ -33,7 +36,7 @@ from pipelines.output.store import (
     legacy_parts,
     legacy_record_names,
 )
-from pipelines.output.tables import WRITER_PROPERTIES, open_table, table_schema
+from pipelines.output.tables import WRITER_PROPERTIES, open_table, table_schema, table_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,15 @@ class Migration:
     segments: int
     parts_moved: int
     already_done: bool
+    evolved: tuple[tuple[str, str | None], ...] = ()   # (table, its schema version before) brought up to date
 
     def format(self, out: str) -> str:
+        if self.evolved and not self.commits:
+            return "; ".join(f"{out}: table {name} brought from schema version {before or '?'} to "
+                             f"{schemas.SCHEMA_VERSION} (new columns null in its rows)"
+                             for name, before in self.evolved)
         if self.already_done and not self.parts_moved:
-            return f"{out}: already Delta tables, nothing to migrate"
+            return f"{out}: already Delta tables of schema version {schemas.SCHEMA_VERSION}, nothing to migrate"
         return (f"{out}: migrated {self.commits} commits of {self.runs} run(s): {self.files} files and "
                 f"{self.segments} segment rows (the latest result of each file) into Delta tables; "
                 f"{self.parts_moved} old parts kept under {out}/{LEGACY_DIR}/, commit history in each "
@@ -114,6 +122,23 @@ def _read_legacy_part(store: OutputStore, rel: str) -> pa.Table:
     raise FileNotFoundError(f"{store.uri(rel)}: a part its commit record lists is missing")
 
 
+def _evolve_tables(store: OutputStore, tables: Mapping[str, DeltaTable | None]) -> tuple[tuple[str, str | None], ...]:
+    """Bring the existing tables of an earlier schema version (or lacking a column) to this one
+    (:func:`pipelines.output.tables.evolve`); returns (table, version before) of those changed."""
+    done = []
+    for name, dt_ in tables.items():
+        if dt_ is None:
+            continue
+        before = table_schema_version(dt_)
+        have = {f.name for f in dt_.schema().fields}
+        if before == schemas.SCHEMA_VERSION and set(schemas.TABLES[name].names) <= have:
+            continue
+        store.open_for_write(name)   # evolves it (and refuses a table of a newer pipeline)
+        log.info("table %s: schema version %s -> %s", name, before, schemas.SCHEMA_VERSION)
+        done.append((name, before))
+    return tuple(done)
+
+
 def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migration:
     """Convert an output of the earlier layout into Delta tables, in place.
 
@@ -127,6 +152,9 @@ def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migra
        commit records to ``OUT/_legacy/_runs/<RUN>/commits/``.
 
     Every step can be repeated: an interrupted migration is finished by running it again.
+
+    An output that already is Delta tables (no parts, no records) has its tables of an earlier
+    schema version brought to this one (``Migration.evolved``).
     """
     store = OutputStore(out, storage_options)
     records = legacy_commits(store)
@@ -136,7 +164,8 @@ def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migra
     files_dt = tables["files"]
     done = files_dt is not None and (files_dt.transaction_version(MIGRATE_APP_ID) or 0) >= 1
     if not records and not parts:
-        return Migration(0, 0, 0, 0, 0, already_done=any(t is not None for t in tables.values()))
+        return Migration(0, 0, 0, 0, 0, already_done=any(t is not None for t in tables.values()),
+                         evolved=_evolve_tables(store, tables))
     if not done:
         for name, table in tables.items():
             if table is not None and table.version() > 0 and (table.transaction_version(MIGRATE_APP_ID) or 0) < 1:
@@ -181,9 +210,9 @@ def migrate(out: str, storage_options: Mapping[str, Any] | None = None) -> Migra
     for c in records:
         by_run.setdefault(c.run_id, []).append(c)
     for run_id, commits in by_run.items():
-        rec = store.read_run(run_id) or {"run_id": run_id, "status": "unknown"}
-        if "legacy_commits" not in rec:
-            rec["legacy_commits"] = [{
+        rec = store.read_run(run_id) or RunRecord(run_id=run_id, status="unknown")
+        if rec.legacy_commits is None:
+            rec.legacy_commits = [{
                 "seq": c.seq, "committed_at": c.committed_at, "n_files": c.n_files, "n_segments": c.n_segments,
                 "files_part": posixpath.join(LEGACY_DIR, c.files_part),
                 "segments_part": posixpath.join(LEGACY_DIR, c.segments_part),
