@@ -22,6 +22,8 @@ from pipelines import lifecycle
 from pipelines.cli_args import add_run_args, build_tasks, config_from_args, parse_kv, parse_value
 from pipelines.config import ConfigError, PipelineConfig, check_output
 from pipelines.ops.commands import add_subcommands
+from pipelines.ops.search_cmd import add_search_subcommands
+from pipelines.output.health import TableDamaged
 
 __all__ = ["build_parser", "build_tasks", "config_from_args", "main", "parse_kv", "parse_value"]
 
@@ -58,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                  else "the same command resumes the run")
         print(f"{PROG}: error: {e} (traceback: {cfg.out.rstrip('/')}/_runs/{e.run_id}/error.txt; {again})",
               file=sys.stderr)
+        return 1
+    except TableDamaged as e:   # a table lost data files: refused before anything was written
+        print(f"{PROG}: error: {e} (nothing was written; or run with --repair)", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - before the run started (listing, output location)
         log.debug("run failed before it started", exc_info=True)
@@ -108,6 +113,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except OldLayoutError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except TableDamaged as e:   # one line per table that lost data files
+        for line in e.lines():
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     add_subcommands(sub)  # plan, report, export, weights
+    add_search_subcommands(sub)  # index, search
     return parser
 
 
@@ -166,6 +176,9 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except TableDamaged as e:   # any reader (export, report, plan, maintain ...) that met a lost data file
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, lifecycle.Interrupted) as e:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return e.exit_code if isinstance(e, lifecycle.Interrupted) else 130

@@ -3,8 +3,9 @@
     salmonn-pipeline plan INPUT --out OUT [run options] [--throughput X] [--probe auto|always|never]
     salmonn-pipeline report OUT [--run RUN_ID] [--html FILE]
     salmonn-pipeline export OUT --format srt|vtt|jsonl|txt [--task transcribe] --to DIR [--where PREFIX]
+                            [--vtt-word-timestamps]
     salmonn-pipeline weights fetch PRESET --to DIR | verify PRESET DIR [--record] | convert SRC [DST]
-    salmonn-pipeline maintain OUT [--vacuum-hours H] [--target-mib N]
+    salmonn-pipeline maintain OUT [--vacuum-hours H] [--target-mib N] [--repair]
     salmonn-pipeline migrate OUT
 
 ``pipelines.cli.build_parser`` registers them with ``add_subcommands(sub)``.
@@ -63,6 +64,8 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--run", metavar="RUN_ID", help="only results of this run (default: every file's latest)")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--to-storage-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--vtt-word-timestamps", action="store_true",
+                   help="vtt: a timestamp tag before each word of a timed cue (karaoke style)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("maintain", help="compact the output's Delta tables, write checkpoints and, with "
@@ -74,6 +77,10 @@ def add_subcommands(sub: Any) -> None:
                         "0 is safe only while nothing else writes to OUT")
     p.add_argument("--target-mib", type=int, default=128, metavar="N",
                    help="compact small data files into files of about N MiB (default 128)")
+    p.add_argument("--repair", action="store_true",
+                   help="first repair tables that lost data files (deleted under the Delta log): a Delta "
+                        "repair commit drops the references, and the files whose rows were lost are marked "
+                        "rows_lost so that the next run processes them again")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_maintain)
 
@@ -111,11 +118,23 @@ def _kv(items: Any, flag: str) -> dict[str, Any]:
     return parse_kv(items, flag)
 
 
+def _check_tables(out: str, options: dict[str, Any]) -> None:
+    """Raise ``TableDamaged`` (one line: the table, the missing file, the repair command; the CLI
+    prints it and exits 1) when a table of ``out`` references data files that no longer exist.
+    One listing per table: a reader whose filter skips the missing file would otherwise report
+    on a table that lost rows without a word."""
+    from pipelines.output import OutputStore
+    from pipelines.output.health import ensure_healthy
+
+    ensure_healthy(OutputStore(out, options))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipelines.ops.plan import plan_json, plan_run
 
     cfg = config_from_args(args)
     try:
+        _check_tables(cfg.out, cfg.out_options)   # the run would refuse a damaged table: so does its plan
         plan = plan_run(cfg, throughput=args.throughput, probe=args.probe)
     except OldLayoutError as e:
         print(f"plan: {e}", file=sys.stderr)
@@ -128,6 +147,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.ops.report import collect, render_text, write_html
 
     try:
+        _check_tables(args.out, _kv(args.storage_option, "--storage-option"))
         data = collect(args.out, args.run, _kv(args.storage_option, "--storage-option"), n_samples=args.samples)
     except (FileNotFoundError, OldLayoutError) as e:
         print(f"report: {e}", file=sys.stderr)
@@ -144,10 +164,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipelines.ops.export import export
 
+    if args.vtt_word_timestamps and args.format != "vtt":
+        print("export: --vtt-word-timestamps needs --format vtt", file=sys.stderr)
+        return 2
     try:
+        _check_tables(args.out, _kv(args.storage_option, "--storage-option"))
         result = export(args.out, fmt=args.format, task=args.task, to=args.to, where=args.where, run_id=args.run,
                         storage_options=_kv(args.storage_option, "--storage-option"),
-                        to_storage_options=_kv(args.to_storage_option, "--to-storage-option"))
+                        to_storage_options=_kv(args.to_storage_option, "--to-storage-option"),
+                        word_timestamps=args.vtt_word_timestamps)
     except OldLayoutError as e:
         print(f"export: {e}", file=sys.stderr)
         return 1
@@ -157,12 +182,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_maintain(args: argparse.Namespace) -> int:
     from pipelines.output import OutputStore, maintain
+    from pipelines.output.health import repair
 
     if args.vacuum_hours is not None and args.vacuum_hours < 0:
         print("maintain: --vacuum-hours must be >= 0", file=sys.stderr)
         return 2
     store = OutputStore(args.out, _kv(args.storage_option, "--storage-option"))
     try:
+        if args.repair:    # a table that lost data files: repaired, its lost rows marked for the next run
+            for line in repair(store).lines():
+                print(line)
         report = maintain(store, vacuum_hours=args.vacuum_hours, target_size=args.target_mib * 2**20)
     except (OldLayoutError, MaintenanceBusy) as e:
         print(f"maintain: {e}", file=sys.stderr)
@@ -176,6 +205,9 @@ def cmd_maintain(args: argparse.Namespace) -> int:
         if "vacuumed" in r:
             line += f", vacuum deleted {r['vacuumed']} files"
         print(line)
+    from pipelines.search import clean_index
+
+    print(f"search index: {clean_index(store)} file(s) no index version needs deleted")
     return 0
 
 

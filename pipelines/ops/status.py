@@ -1,4 +1,6 @@
-"""`salmonn-pipeline status OUT`: runs, counts and error types, from the Delta tables and run records."""
+"""`salmonn-pipeline status OUT`: runs, counts and error types, from the Delta tables and run records;
+first, whether every data file the tables reference exists (a table that lost one raises
+``TableDamaged``: one line per table, and the command that repairs it)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipelines.output import TABLE_NAMES, OutputStore
+from pipelines.output import TABLE_NAMES, OutputStore, RunRecord
+from pipelines.output.health import TableDamaged, check_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +43,19 @@ def run_statuses(store: OutputStore) -> list[RunStatus]:
         by_run[row["run_id"]].append(row)
     out = []
     for run_id in runs:
-        rec = store.read_run(run_id) or {}
+        rec = store.read_run(run_id) or RunRecord(run_id=run_id, status="unknown")
         rows = by_run.get(run_id, [])
         n_commits = (files_dt.transaction_version(run_id) or 0) if files_dt is not None else 0
         out.append(RunStatus(
-            run_id=run_id, status=rec.get("status", "unknown"), started_at=rec.get("started_at"),
-            finished_at=rec.get("finished_at"), resumes=len(rec.get("resumes", [])),
-            n_commits=n_commits or len(rec.get("legacy_commits", [])),
+            run_id=run_id, status=rec.status, started_at=rec.started_at,
+            finished_at=rec.finished_at, resumes=len(rec.resumes),
+            n_commits=n_commits or len(rec.legacy_commits or []),
             files=dict(collections.Counter(r["status"] for r in rows)),
             error_types=dict(collections.Counter(r["error_type"] for r in rows if r["error_type"])),
             segment_rows=seg_counts.get(run_id, 0),
             audio_hours=sum(r["duration_s"] or 0.0 for r in rows) / 3600,
-            error=rec.get("error"),
-            removed=int((rec.get("counts") or {}).get("removed", 0)),
+            error=rec.error,
+            removed=rec.removed,
             reused=sum(1 for r in rows if r["reused_from"] is not None),
         ))
     return out
@@ -60,6 +63,12 @@ def run_statuses(store: OutputStore) -> list[RunStatus]:
 
 def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> str:
     store = OutputStore(out, storage_options)
+    # the data files each table references exist (one listing per table, no file opened): a
+    # damaged table raises TableDamaged, one line per table (pipelines.output.health)
+    health = {d.table: d for d in check_tables(store)}
+    damaged = [d for d in health.values() if d.damaged]
+    if damaged:
+        raise TableDamaged(store.out, damaged, store.repair_command())
     runs = run_statuses(store)
     if not runs:
         return f"{out}: no runs"
@@ -85,7 +94,9 @@ def status_text(out: str, storage_options: Mapping[str, Any] | None = None) -> s
         if dt_ is None:
             continue
         untracked = store.untracked_files(name)
-        tables.append(f"{name} version {dt_.version()}, {len(store.data_files(name))} data files"
+        n_data = health[name].referenced if name in health else len(store.data_files(name))
+        tables.append(f"{name} version {dt_.version()}, {n_data} data files"
+                      + (" (all present)" if name in health else "")
                       + (f", {len(untracked)} untracked file(s) ignored (`salmonn-pipeline maintain "
                          f"--vacuum-hours H` removes them)" if untracked else ""))
     if tables:

@@ -23,7 +23,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from pipelines.output.store import TABLE_NAMES, OutputStore, utcnow
-from pipelines.output.tables import WRITER_PROPERTIES, retry_conflicts, scan, sql_str
+from pipelines.output.tables import WRITER_PROPERTIES, TableDamaged, retry_conflicts, scan, sql_str
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,16 @@ def maintain(store: OutputStore, *, vacuum_hours: float | None = None,
              target_size: int = TARGET_FILE_SIZE) -> dict[str, Any]:
     """Compact both tables (small data files into files of ``target_size``), write a
     checkpoint, and with ``vacuum_hours`` delete data files no version newer than that needs
-    (time travel before it ends there) and untracked files older than that."""
+    (time travel before it ends there) and untracked files older than that. A table that lost
+    data files raises ``TableDamaged`` (``maintain --repair`` repairs it first)."""
     tables = {name: dt_ for name in TABLE_NAMES if (dt_ := store.table(name)) is not None}
     if not tables:
         return {}
+    # a table that lost data files cannot be compacted (its rows cannot be read): say so, and how
+    # to repair it (pipelines.output.health), before taking the lease
+    damages = [d for name, dt_ in tables.items() if (d := store.check_table(name, dt_)) is not None and d.damaged]
+    if damages:
+        raise TableDamaged(store.out, damages, store.repair_command())
     report, busy = compact_under_lease(store, tables, lease_holder("maintain"), vacuum_hours=vacuum_hours,
                                        target_size=target_size)
     if busy is not None and not report:

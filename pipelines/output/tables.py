@@ -9,15 +9,20 @@ writers.
 * A table written by an older pipeline gains the columns it lacks (nullable) before this one
   writes to it; a table with columns this pipeline does not know was written by a newer one and
   is refused.
+* A table whose version references data files that no longer exist is a :class:`TableDamage`
+  (:func:`check_data_files`: its add actions against one listing), reported as
+  :class:`TableDamaged` (one line); ``pipelines.output.health`` repairs it.
 
 The columns themselves are defined in ``schemas`` only; this module adds what Delta needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +65,10 @@ def scan(dt_: DeltaTable, local_root: str | None, *, columns: Sequence[str] | No
     So a local table (``local_root``: its directory) is read with Arrow's own local file system,
     whose reads hold no Python object; any other store through delta-rs' handler with
     pre-buffering off, so every read belongs to the scan and is over when it returns.
+
+    A data file the log references that no longer exists raises ``FileNotFoundError`` (a local
+    table and object stores alike); ``OutputStore.read_table`` turns it into
+    ``pipelines.output.health.TableDamaged`` (the table, the file, the repair command).
     """
     from pyarrow import fs as pa_fs
     from pyarrow.dataset import ParquetFragmentScanOptions
@@ -72,7 +81,29 @@ def scan(dt_: DeltaTable, local_root: str | None, *, columns: Sequence[str] | No
         options = ParquetFragmentScanOptions(pre_buffer=False)
     have = set(ds.schema.names)
     cols = [c for c in columns if c in have] if columns is not None else None
-    return ds.to_table(columns=cols, filter=filter, fragment_scan_options=options)
+    try:
+        return ds.to_table(columns=cols, filter=filter, fragment_scan_options=options)
+    except pa.ArrowNotImplementedError:
+        if filter is None:
+            raise
+    # Data files delta-rs rewrote (a delete, a predicate overwrite that kept rows, a compaction)
+    # store strings as string_view, which Arrow's filters cannot compare with the string literals
+    # of ``filter`` ("no kernel matching input types (string, string_view)"). Such a fragment is
+    # read whole, its columns cast to the table's types, then filtered; the others as usual.
+    parts = []
+    for fragment in ds.get_fragments():
+        views = any(pa.types.is_string_view(f.type) or pa.types.is_binary_view(f.type)
+                    for f in fragment.physical_schema)
+        if not views:
+            parts.append(fragment.to_table(schema=ds.schema, columns=cols, filter=filter,
+                                           fragment_scan_options=options))
+            continue
+        t = fragment.to_table(schema=ds.schema, fragment_scan_options=options)
+        t = t.cast(ds.schema).filter(filter)
+        parts.append(t.select(cols) if cols is not None else t)
+    if not parts:
+        return ds.to_table(columns=cols, filter=filter, fragment_scan_options=options)
+    return pa.concat_tables(parts)
 
 
 def open_table(uri: str, options: dict[str, str], version: int | None = None) -> DeltaTable | None:
@@ -167,3 +198,70 @@ def retry_conflicts(what: str, fn: Callable[[], Any], refresh: Callable[[], None
             time.sleep(delay)
             refresh()
     raise AssertionError("unreachable")
+
+
+# -- a table that lost data files (pipelines.output.health detects, repairs and refills) ----------
+
+@dataclasses.dataclass(frozen=True)
+class TableDamage:
+    """What one table's current version references that does not exist
+    (:func:`check_data_files`)."""
+
+    table: str
+    version: int
+    referenced: int                        # data files the version references
+    missing: tuple[str, ...]               # of them, those that do not exist (paths relative to the table)
+    lost_rows: int | None                  # the rows they held (the Delta log's statistics), None if unknown
+    id_ranges: tuple[tuple[str | None, str | None], ...]   # (min, max) file_id of each missing file
+    seconds: float                         # how long the check took
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.missing)
+
+    def describe(self, out: str) -> str:
+        """One line: the table, how many data files are missing and the first of them."""
+        more = f", and {len(self.missing) - 1} more" if len(self.missing) > 1 else ""
+        rows = f" ({self.lost_rows} rows)" if self.lost_rows is not None else ""
+        return (f"table {self.table} of {out} (version {self.version}) references {len(self.missing)} of its "
+                f"{self.referenced} data files that no longer exist{rows}: {self.missing[0]}{more}")
+
+
+class TableDamaged(RuntimeError):
+    """A table of OUT references data files that no longer exist. ``str()`` is one line naming
+    the table(s), the first missing file and ``command`` (the repair); :meth:`lines` gives one
+    line per damaged table."""
+
+    def __init__(self, out: str, damages: Sequence[TableDamage], command: str):
+        self.out = out
+        self.damages = tuple(d for d in damages if d.damaged)
+        self.command = command
+        super().__init__("; ".join(d.describe(out) for d in self.damages) + self._advice())
+
+    def _advice(self) -> str:
+        return f"; repair with `{self.command}`, then run again to refill the lost rows"
+
+    def lines(self) -> list[str]:
+        return [d.describe(self.out) + self._advice() for d in self.damages]
+
+
+def check_data_files(dt_: DeltaTable, name: str, listing: Callable[[bool], set[str]]) -> TableDamage:
+    """The data files ``dt_``'s version references that ``listing`` (one listing of the table's
+    directory: paths relative to it; its argument: whether to list recursively) does not return.
+    No data file is opened."""
+    t0 = time.monotonic()
+    adds = pa.table(dt_.get_add_actions(flatten=True))
+    paths = adds["path"].to_pylist()
+    present = listing(any("/" in p for p in paths))
+    missing = [i for i, p in enumerate(paths) if p not in present and urllib.parse.unquote(p) not in present]
+    lost_rows: int | None = None
+    ranges: list[tuple[str | None, str | None]] = []
+    if missing:
+        if "num_records" in adds.column_names:
+            counts = [adds["num_records"][i].as_py() for i in missing]
+            lost_rows = None if any(c is None for c in counts) else int(sum(counts))
+        if "min.file_id" in adds.column_names and "max.file_id" in adds.column_names:
+            ranges = [(adds["min.file_id"][i].as_py(), adds["max.file_id"][i].as_py()) for i in missing]
+    return TableDamage(table=name, version=dt_.version(), referenced=len(paths),
+                       missing=tuple(sorted(paths[i] for i in missing)), lost_rows=lost_rows,
+                       id_ranges=tuple(ranges), seconds=time.monotonic() - t0)
