@@ -4,7 +4,7 @@ A no-op nightly run starts by reading what is already done (the ledger) and comp
 listed file with it. This times exactly that step on an S3 server (moto, in its own process)
 for an output holding 100k files written in 50, 500 and 3,000 commits:
 
-* **Delta** (this layout): ``pipelines.output.pending(store, refs, config_hash)``, as
+* **Delta** (this layout): ``pipelines.planning.to_process(files, refs, config_hash)``, as
   ``run_pipeline`` calls it: a column scan of the ``files`` table joined with the listing in
   Arrow (``is_done`` for every file). The tables are built with the real table settings and commit
   metadata, in runs of 100 commits each ending with the end-of-run compaction and checkpoint, as
@@ -47,9 +47,10 @@ import pyarrow as pa  # noqa: E402
 from deltalake import CommitProperties, Transaction, write_deltalake  # noqa: E402
 
 import schemas  # noqa: E402
-from pipelines.output import CommittedFile, Committer, OutputStore, maintain, pending  # noqa: E402
+from pipelines.output import CommittedFile, Committer, OutputStore, maintain  # noqa: E402
 from pipelines.output.maintenance import TARGET_FILE_SIZE, maintain_table  # noqa: E402
 from pipelines.output.tables import WRITER_PROPERTIES, table_schema  # noqa: E402
+from pipelines.planning import to_process  # noqa: E402
 from pipelines.sources import FileRef, file_id_for  # noqa: E402
 
 # The last commit whose pipelines/commit.py is the earlier layout (parts + commit records).
@@ -207,8 +208,9 @@ def main() -> None:
                 upload(fs, f"{tmp}/c{n_commits}", delta_out)
                 refs = listed_refs(n_files, per_commit)
                 store = OutputStore(delta_out, options)
-                delta_s, delta_todo = time_planning(lambda store=store, refs=refs: pending(store, refs, CONFIG_HASH),
-                                                    args.repeats)
+                delta_s, delta_todo = time_planning(
+                    lambda store=store, refs=refs: to_process(store.read_table("files"), refs, CONFIG_HASH),
+                    args.repeats)
 
                 old_out = f"{BUCKET}/old-{n_commits}"
                 old_build_s = build_old(old, fs, old_out, n_commits, per_commit)

@@ -22,8 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
+from pipelines.config import config_hash_of
 from pipelines.output import CommittedFile, Committer, OutputStore, new_run_id
-from pipelines.run import PipelineConfig, config_hash_of, run_pipeline
+from pipelines.output.runs import RunRecord
+from pipelines.run import PipelineConfig, run_pipeline
 from pipelines.sources import list_inputs
 from schemas.vocabulary import RUN_COMPLETED
 
@@ -52,7 +54,7 @@ def commit_all(cfg: PipelineConfig, per_commit: int = 32) -> None:
                                      schema=schemas.FILES)
         entries = [CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run_id, 0) for r in chunk]
         committer.commit(files, schemas.SEGMENTS.empty_table(), entries)
-    store.write_run({"run_id": run_id, "status": RUN_COMPLETED, "config_hash": chash, "input": cfg.input})
+    store.write_run(RunRecord(run_id=run_id, status=RUN_COMPLETED, config_hash=chash, input=cfg.input))
 
 
 def main() -> None:

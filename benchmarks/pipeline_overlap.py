@@ -82,8 +82,8 @@ def alone_ray(refs, tasks, cfg) -> dict[str, float]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from pipelines.graph import plan_resources
     from pipelines.infer import SalmonnPredictor
-    from pipelines.run import plan_resources
     from pipelines.stages import DecodeStage, refs_table
 
     DataContext.get_current().enable_progress_bars = False

@@ -416,8 +416,8 @@ def stages_alone(audio: Path, gate: bool, batch_size: int) -> dict[str, float]:
 
     import salmonn
     from pipelines.config import PipelineConfig
+    from pipelines.graph import plan_resources
     from pipelines.infer import SalmonnPredictor
-    from pipelines.run import plan_resources
     from pipelines.sources import list_inputs
     from pipelines.stages import DecodeStage, refs_table
 

@@ -168,10 +168,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "nothing: it names files, not a region, so it removes nothing)")
     p.add_argument("--max-removed", type=float, default=0.1, metavar="SHARE",
                    help="stop the run, before it changes anything, when it would remove more than this "
-                        "share of the indexed files in its scope (default 0.1; 1.0 allows all): an empty "
-                        "listing (wrong prefix, no credentials, unmounted volume) must not wipe an index")
+                        "share of the indexed files in its scope (default 0.1; 1.0 allows all) AND more than "
+                        "--max-removed-files of them: an empty listing (wrong prefix, no credentials, "
+                        "unmounted volume) must not wipe an index")
+    p.add_argument("--max-removed-files", type=int, default=3, metavar="N",
+                   help="the removal guard stops a run only when it would also remove more than N files "
+                        "(default 3): deleting one episode of a small archive is not a bad listing")
     p.add_argument("--resume", metavar="RUN_ID", help="resume this run explicitly")
     p.add_argument("--fresh", action="store_true", help="never resume: start a new run")
+    p.add_argument("--repair", action="store_true",
+                   help="when a table of OUT lost data files (deleted under the Delta log), repair it before "
+                        "planning (what `salmonn-pipeline maintain OUT --repair` does) and process the files "
+                        "whose rows were lost again; without it such a run stops with one line, nothing written")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
 
 
@@ -203,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
         stall_timeout_s=args.stall_timeout_s, engine=args.engine,
         keep_removed=args.keep_removed, max_removed=args.max_removed,
+        max_removed_files=args.max_removed_files, repair=args.repair,
     )
     check_inputs(cfg)
     return cfg

@@ -105,7 +105,10 @@ class PipelineConfig:
     stall_timeout_s: float | None = None         # no result this long fails the run; None: pipelines.watchdog's default
     engine: str = "auto"                         # generation engine (ENGINES); resolved per pass (resolve_engine)
     keep_removed: bool = False                   # keep the rows of files gone from the input's scope
-    max_removed: float = 0.1                     # a run removing more of its scope's indexed files stops
+    max_removed: float = 0.1                     # a run removing more of its scope's indexed files...
+    max_removed_files: int = 3                   # ...and more files than this stops (both must be exceeded)
+    repair: bool = False                         # a table that lost data files: repair it before planning
+                                                 # (pipelines.output.health) instead of refusing to run
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, list):
@@ -157,6 +160,11 @@ class PipelineConfig:
         if self.max_removed > 1:
             raise ConfigError(f"--max-removed: a share of the indexed files in scope, in [0, 1] (1.0 allows "
                               f"removing all), got {self.max_removed!r}")
+        if isinstance(self.max_removed_files, bool) or not isinstance(self.max_removed_files, int) \
+                or self.max_removed_files < 0:
+            raise ConfigError(f"--max-removed-files: a count of files, >= 0, got {self.max_removed_files!r}")
+        if not isinstance(self.repair, bool):
+            raise ConfigError(f"--repair: must be a bool, got {self.repair!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.address is not None and not (isinstance(self.address, str) and self.address.strip()):
@@ -304,7 +312,8 @@ def config_hash_of(cfg: PipelineConfig) -> str:
 
     Not the schema version: a schema bump (a new derived column) must not reprocess an archive;
     older parts are read through ``schemas.conform``. Nor how the tables follow the archive
-    (``keep_removed``, ``max_removed``): they decide which rows stay, not what a file's rows are.
+    (``keep_removed``, ``max_removed``, ``max_removed_files``): they decide which rows stay, not what a file's rows are.
+    Nor ``repair``: it mends the tables before a run, and the files it marks are redone under the run's own hash.
 
     The speech gate and pause cuts enter the hash only when they are on, so a run with both off
     has the hash (and the results) of a run from before they existed."""

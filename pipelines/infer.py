@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +42,6 @@ from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE, INFERENCE_ERROR
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("hf", "vllm")   # what a predictor runs (``pipelines.config.resolve_engine`` picks for "auto")
 CONCURRENT_BATCHES = {"hf": 1, "vllm": 2}   # Ray Data batches one inference actor runs at once
 
 
@@ -97,24 +95,18 @@ class SalmonnPredictor:
         import torch
 
         import salmonn
+        from salmonn import engines
 
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.tasks = list(tasks) if tasks is not None else list(salmonn.default_tasks())
-        # With vLLM generating, the torch model needs its LLM only for the prompt's input
-        # embeddings (a 13B LLM is not held twice on the GPU), unless a task may run on the HF
-        # engine inside VllmEngine: beam search (vLLM's takes no embeddings) and, under vLLM's
-        # newer model runner, a repetition penalty (salmonn.engines.vllm).
-        hf_tasks = any(t.settings.num_beams > 1 or t.settings.repetition_penalty != 1.0 for t in self.tasks)
-        llm = "embeddings" if engine == "vllm" and not hf_tasks and model != "tiny" else "full"
+        llm = engines.llm_weights(engine, self.tasks)   # vLLM: the LLM's input embeddings may do
         self.model = salmonn.load_model(model, device=device, llm=llm, **(model_options or {}))
         self.model.eval()
         self.model_id = self.model.model_id
         self.engine_name = engine
-        self.engine = self._build_engine(engine, dict(engine_options or {}))
+        self.engine = engines.build_engine(engine, self.model, self.tasks, **(engine_options or {}))
         self.ledger = ledger
         self.max_attempts = max_attempts
         self._lock = threading.Lock()         # counters below: two batches may run at once (vLLM)
@@ -126,23 +118,9 @@ class SalmonnPredictor:
         log.info("SALMONN predictor ready: model %s on %s, engine %s, tasks %s",
                  self.model_id, device, engine, [t.name for t in self.tasks])
 
-    def _build_engine(self, engine: str, options: dict[str, Any]) -> Any:
-        from salmonn import engines
-
-        if engine == "hf":
-            return engines.HfEngine(self.model)
-        from salmonn.checkpoint import save_llm
-
-        if not self.device.startswith("cuda"):
-            # vLLM's CPU build in this process: it starts in ~4 s instead of ~20 s, an error keeps
-            # its message, and no worker process is spawned from inside a Ray actor
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if options.get("llm_path") is None and self.model.config.llm_path is None:
-            # a model built in memory (the tiny preset): vLLM loads its LLM from a directory
-            self._llm_dir = tempfile.TemporaryDirectory(prefix="salmonn-llm-")
-            options["llm_path"] = str(save_llm(self.model, self._llm_dir.name))
-        scales = sorted({float(t.settings.lora_scale) for t in self.tasks})
-        return engines.VllmEngine(self.model, lora_scales=scales, **options)
+    def close(self) -> None:
+        """Release the engine (vLLM: its thread and temporary files). Idempotent."""
+        self.engine.close()
 
     # -- Ray Data batch interface ---------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -261,7 +239,7 @@ class SalmonnPredictor:
     def _run_at_once(self, windows: list[WindowIn]) -> list[dict[str, Any]]:
         import torch
 
-        from salmonn.engines import Request
+        from salmonn.engines import task_requests
 
         faults.maybe_run_out_of_memory("infer", len(windows))
         for w in windows:
@@ -279,13 +257,10 @@ class SalmonnPredictor:
                                            torch.tensor(lengths, device=self.device))  # (B, Q, D)
             # One request per (window, task) the speech gate lets through, task-major: the HF
             # engine batches a task group's rows together, vLLM takes them all at once.
-            keys, requests = [], []
-            for task in self.tasks:
-                for j, i in enumerate(run):
-                    if task in plan[i]:
-                        keys.append((i, task.name))
-                        requests.append(Request(embeds[j], task.prompt, task.settings))
-            generations = dict(zip(keys, self.engine.generate(requests), strict=True))
+            requests = task_requests(embeds, self.tasks, [plan[i] for i in run])
+            for r, answer in zip(requests, self.engine.generate(requests), strict=True):
+                assert r.row is not None and r.task is not None   # task_requests names both
+                generations[(run[r.row], r.task)] = answer
         dropped = sum(g.dropped_controls for g in generations.values())
         with self._lock:
             self.windows_encoded += len(run)

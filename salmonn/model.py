@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import GenerationSettings, SalmonnConfig
 from .features import beats_fbank, whisper_log_mel
-from .prompts import Task, split_prompt
+from .prompts import Request, Task, answers_by_task, split_prompt, task_requests
 from .qformer import WindowQformer
 from .text import clean_text
 
@@ -404,27 +404,28 @@ class Salmonn(nn.Module):
     def _finish(self, ids: list[int], eos: int) -> Generation:
         return finish_generation(self.tokenizer, ids, eos)
 
+    def generate_requests(self, requests: Sequence[Request]) -> list[Generation]:
+        """One Generation per request, in request order: requests with equal settings (and speech
+        length) share one left-padded `generate` call, in order of first appearance."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.settings, tuple(r.speech.shape), r.exact_new_tokens is None), []).append(i)
+        out: dict[int, Generation] = {}
+        for (settings, _, free), rows in groups.items():
+            speech = torch.stack([requests[i].speech for i in rows])  # (R, W*Q, D)
+            exact = None if free else [int(requests[i].exact_new_tokens or 0) for i in rows]
+            generations = self.generate(speech, [requests[i].prompt for i in rows], settings, exact_new_tokens=exact)
+            out.update(zip(rows, generations, strict=True))
+        return [out[i] for i in range(len(requests))]
+
     def generate_tasks(self, speech_embeds: torch.Tensor, tasks: Sequence[Task]) -> dict[str, list[Generation]]:
-        """Run every task on every row of speech_embeds (B, W*Q, D).
+        """Run every task on every row of speech_embeds (B, W*Q, D) (`task_requests`).
 
         Tasks with equal settings share one batched generate call (B x tasks rows).
         Returns {task name: [Generation per row]} in the order of `tasks`.
         """
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique, got {names}")
-        groups: dict[GenerationSettings, list[Task]] = {}
-        for task in tasks:
-            groups.setdefault(task.settings, []).append(task)
-        b = speech_embeds.shape[0]
-        results: dict[str, list[Generation]] = {}
-        for settings, group in groups.items():
-            embeds = speech_embeds.repeat(len(group), 1, 1)  # (len(group)*B, W*Q, D), task-major
-            prompts = [task.prompt for task in group for _ in range(b)]
-            generations = self.generate(embeds, prompts, settings)
-            for j, task in enumerate(group):
-                results[task.name] = generations[j * b : (j + 1) * b]
-        return {name: results[name] for name in names}
+        requests = task_requests(speech_embeds, tasks)
+        return answers_by_task(tasks, requests, self.generate_requests(requests))
 
     def run_tasks(
         self, waveforms: torch.Tensor, lengths: torch.Tensor | None, tasks: Sequence[Task]

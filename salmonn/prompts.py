@@ -1,14 +1,25 @@
-"""Tasks, their official prompts, and the chat template.
+"""Tasks, their official prompts, the chat template, and the requests tasks become.
 
 The instructions are those of the official `prompts/test_prompt.json`; the template is the v1
 `prompt_pattern` (identical to the 2024 `prompt_template` wrapped around "<Speech><SpeechHere></Speech> ").
+
+Tasks x windows become `Request`s in one place, `task_requests`; every generator (the model's
+own `Salmonn.generate_tasks`, both engines, the inference stage) takes them from there, and
+`answers_by_task` files the answers back under their task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import GenerationSettings
+
+if TYPE_CHECKING:
+    import torch
+
+A = TypeVar("A")
 
 TEMPLATE = "USER: <Speech><SpeechHere></Speech> {}\nASSISTANT:"
 SPEECH_PLACEHOLDER = "<SpeechHere>"
@@ -121,3 +132,57 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     """
     before, after = TEMPLATE.format(prompt.strip()).split(SPEECH_PLACEHOLDER)
     return before, after
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to generate: a prompt about one window's speech embeddings."""
+
+    speech: torch.Tensor  # (W*Q, D) one window's rows of Salmonn.encode
+    prompt: str  # the instruction (the chat template is applied by the model: prompt_parts)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    # Benchmarks only: generate exactly this many tokens, EOS never emitted, so that every engine
+    # generates the same number of tokens (settings.max_new_tokens is then ignored).
+    exact_new_tokens: int | None = None
+    task: str | None = None  # the task's name (task_requests); None for a request made by hand
+    row: int | None = None  # the row of the speech embeddings it asks about (task_requests)
+
+    def __post_init__(self) -> None:
+        if self.speech.ndim != 2:
+            raise ValueError(f"Request.speech must be (W*Q, D), got shape {tuple(self.speech.shape)}")
+        if self.exact_new_tokens is not None and self.exact_new_tokens < 1:
+            raise ValueError(f"Request.exact_new_tokens must be >= 1, got {self.exact_new_tokens}")
+
+
+def task_requests(
+    speech_embeds: torch.Tensor, tasks: Sequence[Task], row_tasks: Sequence[Collection[Task]] | None = None
+) -> list[Request]:
+    """The requests for `tasks` on the rows (windows) of speech_embeds (B, W*Q, D), task-major:
+    all of the first task's rows, then the second task's, ... Each request names its task and row.
+
+    `row_tasks[i]`: the tasks row i runs (the speech gate's choice); None: every task on every row.
+    Task-major order lets the HF engine batch the rows of tasks with equal settings together;
+    vLLM takes them all at once.
+    """
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    if row_tasks is not None and len(row_tasks) != speech_embeds.shape[0]:
+        raise ValueError(f"{speech_embeds.shape[0]} speech rows but {len(row_tasks)} row_tasks")
+    return [
+        Request(speech, task.prompt, task.settings, task=task.name, row=i)
+        for task in tasks
+        for i, speech in enumerate(speech_embeds)
+        if row_tasks is None or task in row_tasks[i]
+    ]
+
+
+def answers_by_task(tasks: Sequence[Task], requests: Sequence[Request], answers: Sequence[A]) -> dict[str, list[A]]:
+    """{task name: [answer per request of that task, in request order]} for `task_requests`'
+    requests and their answers, in the order of `tasks` (a task without requests: [])."""
+    out: dict[str, list[A]] = {t.name: [] for t in tasks}
+    for request, answer in zip(requests, answers, strict=True):
+        if request.task not in out:
+            raise ValueError(f"a request of task {request.task!r}, which is not among {list(out)}")
+        out[request.task].append(answer)
+    return out

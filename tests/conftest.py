@@ -11,6 +11,23 @@ from tests.s3_server import MotoS3, restore_environ, set_fake_credentials
 pytest_plugins = ["tests.model_fixtures"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _search_cache(tmp_path_factory):
+    """Local copies of search indexes of object-storage outputs (pipelines.search) go to a folder
+    of the session, never to the user's ~/.cache; subprocesses inherit it."""
+    import os
+
+    from pipelines.search.sync import CACHE_ENV
+
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("search-cache"))
+    yield
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def _moto_server():
     saved = set_fake_credentials()

@@ -17,6 +17,7 @@ import pyarrow as pa
 import schemas
 from pipelines import lifecycle
 from pipelines.output import CommittedFile, Committer, OutputStore, committed_ledger
+from pipelines.output.runs import RunRecord
 from schemas.vocabulary import RUN_COMPLETED
 
 
@@ -37,7 +38,7 @@ def tables(run_id: str, uris: list[str], n_seg: int = 12) -> tuple[pa.Table, pa.
 def main() -> int:
     store = OutputStore(sys.argv[1])
     for run_id in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"):   # what `status` lists
-        store.write_run({"run_id": run_id, "status": RUN_COMPLETED, "started_at": run_id[:16]})
+        store.write_run(RunRecord.from_dict({"run_id": run_id, "status": RUN_COMPLETED, "started_at": run_id[:16]}))
     first = Committer(store, "20260101T000000Z-aaaaaa")
     for k in range(2):
         first.commit(*tables(first.run_id, [f"/a/{k}-{i:02d}.mp3" for i in range(16)]))

@@ -27,6 +27,7 @@ import pyarrow as pa
 import schemas
 from pipelines.labels import segment_label
 from pipelines.output import RUNS_DIR, CommittedFile, Committer, OutputStore
+from pipelines.output.runs import RunRecord
 from schemas.vocabulary import RUN_COMPLETED
 
 RUN1 = "20260101T020000Z-aaaaaa"
@@ -135,14 +136,14 @@ def tables(run_id: str, files: dict[str, tuple], processed_at: dt.datetime, *, v
 
 
 def run_record(run_id: str, started: dt.datetime, finished: dt.datetime, files: dict[str, tuple], *,
-               n_inputs: int, skipped: int, chash: str = CHASH) -> dict:
+               n_inputs: int, skipped: int, chash: str = CHASH) -> RunRecord:
     statuses = [v[0] for v in files.values()]
     etypes: dict[str, int] = {}
     for v in files.values():
         if v[1]:
             etypes[v[1]] = etypes.get(v[1], 0) + 1
     audio_h = sum(v[2] or 0 for v in files.values()) / 3600
-    return {
+    return RunRecord.from_dict({
         "run_id": run_id, "status": RUN_COMPLETED, "input": PREFIX, "out": "OUT", "model": "salmonn-13b",
         "model_id": MODEL_ID, "config_hash": chash, "pipeline_version": "0.1.0",
         "schema_version": schemas.SCHEMA_VERSION,
@@ -152,7 +153,7 @@ def run_record(run_id: str, started: dt.datetime, finished: dt.datetime, files: 
                    "ok": statuses.count("ok"), "partial": statuses.count("partial"),
                    "error": statuses.count("error"), "error_types": etypes, "audio_hours": audio_h,
                    "wall_s": (finished - started).total_seconds()},
-    }
+    })
 
 
 def build_two_runs(out: str) -> OutputStore:

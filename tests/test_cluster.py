@@ -178,7 +178,7 @@ def test_watchdog_names_the_operator_that_cannot_be_placed(ray_local):
 
 
 def test_headroom_rule():
-    from pipelines.run import plan_resources
+    from pipelines.graph import plan_resources
 
     cfg = PipelineConfig(input="x", out="y")
     # nodes of many CPUs: one CPU per actor, as without the rule
@@ -354,21 +354,21 @@ def check_outcome(result: dict) -> str:
     assert first["placed"]["ledger"] == "head", f"the attempt ledger must sit on the driver's node: {first['placed']}"
     again = result["again"]["record"]
     if first["rc"] == 0:
-        assert rec["status"] == RUN_COMPLETED
+        assert rec.status == RUN_COMPLETED
         # a restarted actor retries its tasks, so nothing is dropped: no isolating pass (a lost
         # attempt ledger would make every later batch fail and need one)
         assert "did not complete in pass" not in first["log"], first["log"][-3000:]
         # the same command again: a new, incremental run with nothing left to do
-        assert again["run_id"] != rec["run_id"] and again["counts"]["processed"] == 0, again
+        assert again.run_id != rec.run_id and again.counts.processed == 0, again
         return "completed"
     assert first["rc"] == 1, first["log"][-3000:]
-    assert rec["status"] == RUN_FAILED
-    assert rec["error"].startswith("StallError: no result for"), rec["error"]
-    assert "stalled operator: MapBatches(" in rec["error"] and "cluster free: CPU" in rec["error"], rec["error"]
+    assert rec.status == RUN_FAILED
+    assert rec.error.startswith("StallError: no result for"), rec.error
+    assert "stalled operator: MapBatches(" in rec.error and "cluster free: CPU" in rec.error, rec.error
     # failed by the watchdog within its limit: the node was lost, then at most the timeout passed
     # since the last result (plus the time to stop and record)
     assert first["wall"] - first["lost_at"] < STALL_S + 120, first["wall"]
-    assert again["status"] == RUN_COMPLETED and again["run_id"] == rec["run_id"] and again["resumes"]
+    assert again.status == RUN_COMPLETED and again.run_id == rec.run_id and again.resumes
     return "stalled"
 
 
@@ -380,7 +380,7 @@ def test_lose_the_inference_node(sim, clips, tmp_path, replace):
     if not replace:
         # the only GPU node is gone: the restarted inference actor can never be placed
         assert outcome == "stalled"
-        assert "MapBatches(SalmonnPredictor)" in result["first"]["record"]["error"]
+        assert "MapBatches(SalmonnPredictor)" in result["first"]["record"].error
 
 
 @pytest.mark.slow
@@ -396,7 +396,7 @@ def test_lose_the_decode_node(sim, clips, tmp_path, replace):
 LEDGER_PROBE = """
 import logging, sys
 import ray
-from pipelines.run import start_ledger
+from pipelines.graph import start_ledger
 ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
 ledgers = [start_ledger() for _ in range(10)]
 for ledger in ledgers:

@@ -18,8 +18,6 @@ from pipelines.output import (
     committed_ledger,
     committed_seq,
     data_file_schema_version,
-    is_done,
-    pending,
     redact,
     table_schema_version,
 )
@@ -168,20 +166,10 @@ def test_conform_rejects_bad_tables():
         schemas.check_values("files", t)
 
 
-def test_is_done_rules():
-    e = CommittedFile("f", "u", "v1", "h", "ok", None, "r", 1)
-    assert is_done(e, "v1", "h")
-    assert not is_done(e, "v2", "h")        # changed file
-    assert not is_done(e, "v1", "h2")       # changed config
-    assert not is_done(None, "v1", "h")     # new file
-    bad = CommittedFile("f", "u", "v1", "h", "error", "not_audio", "r", 1)
-    assert is_done(bad, "v1", "h")          # a permanent error is not retried every night
-    flaky = CommittedFile("f", "u", "v1", "h", "error", "read_error", "r", 1)
-    assert not is_done(flaky, "v1", "h")    # a transient one is
-
-
-def test_pending_is_is_done_for_every_listed_file(tmp_path):
-    """The run's Arrow join over the files table decides exactly as is_done on the ledger."""
+def test_the_skip_rule_decides_each_listed_file(tmp_path):
+    """pipelines.planning.classify, the one skip rule: an Arrow join of the listing with the files
+    table, a permanent error skipped, a transient one retried."""
+    from pipelines.planning import classify, to_process
     from pipelines.sources import FileRef
 
     store = OutputStore(str(tmp_path / "out"))
@@ -197,10 +185,13 @@ def test_pending_is_is_done_for_every_listed_file(tmp_path):
                              pa.array([h for (_, h, _, _) in rows.values()], pa.string()))
     Committer(store, "r").commit(files, schemas.SEGMENTS.empty_table(), entries)
     listed = [FileRef(u, 1, "v2" if u == "changed" else "v1", None, f"id-{u}") for u in [*rows, "new"]]
-    ledger = committed_ledger(store)
-    expected = [r.uri for r in listed if not is_done(ledger.get(r.uri), r.version, "h")]
-    assert [r.uri for r in pending(store, listed, "h")] == expected
-    assert expected == ["changed", "other-config", "flaky", "partial-flaky", "no-hash", "new"]
+    table = store.read_table("files")
+    assert dict(zip([r.uri for r in listed], classify(table, listed, "h"))) == {
+        "same": "unchanged", "changed": "changed", "other-config": "config_changed", "bad": "unchanged",
+        "flaky": "retry", "partial-flaky": "retry", "no-hash": "config_changed", "new": "new"}
+    assert [r.uri for r in to_process(table, listed, "h")] == [
+        "changed", "other-config", "flaky", "partial-flaky", "no-hash", "new"]
+    assert classify(table.slice(0, 0), listed, "h") == ["new"] * len(listed)
 
 
 def test_redact_hides_secrets():
@@ -281,3 +272,16 @@ def test_slow_commits_are_spaced_out_and_carry_the_files_completed_meanwhile(tmp
     for ref in refs:
         buffer.add([error_file(ref, "not_found", "gone")])
     assert buffer.n_commits == 10 and store.read_table("files").num_rows == 10
+
+
+def test_filtered_reads_after_a_removal_rewrote_data_files(tmp_path):
+    """A delete makes delta-rs rewrite the data files it touches with string_view columns; reads
+    filtered by file_id or run_id (reuse sources, report, export) still work on them."""
+    store = OutputStore(str(tmp_path / "out"))
+    uris = ["a", "b", "c"]
+    c = Committer(store, "r1")
+    c.commit(*_tables("r1", uris))
+    c.remove(["id-a"])
+    assert store.read_table("segments", file_ids=["id-b"]).column("uri").to_pylist() == ["b", "b"]
+    assert sorted(store.read_table("files", run_id="r1", columns=["uri"]).column("uri").to_pylist()) == ["b", "c"]
+    assert store.read_table("segments", file_ids=["id-a"]).num_rows == 0

@@ -32,6 +32,7 @@ from pipelines.output import (
 )
 from pipelines.output.maintenance import LEASE_NAME, LEASE_SCHEMA, LEASE_TABLE, claim_maintenance, release_maintenance
 from pipelines.output.migrate import CommitRecord
+from pipelines.output.runs import RunRecord
 from schemas.vocabulary import RUN_COMPLETED
 from tests import ops_fixtures as fx
 
@@ -206,7 +207,7 @@ def _old_layout(out: Path) -> None:
                            n_files=files.num_rows, n_segments=segs.num_rows, committed_at="2025-01-01T00:00:00+00:00",
                            files=tuple(e._replace(version=version) for e in entries))
         store.write_bytes(store.path("_runs", run, "commits", "000001.json"), rec.to_json().encode())
-        store.write_run({"run_id": run, "status": RUN_COMPLETED, "config_hash": "h"})
+        store.write_run(RunRecord.from_dict({"run_id": run, "status": RUN_COMPLETED, "config_hash": "h"}))
 
 
 def test_migrate_the_earlier_layout(tmp_path, capsys):
@@ -229,7 +230,7 @@ def test_migrate_the_earlier_layout(tmp_path, capsys):
         assert table_schema_version(store.table(name)) == schemas.SCHEMA_VERSION
         assert not list((out / name).glob("run_id=*"))                  # no debris for Delta to see
         assert len(list((out / "_legacy" / name).glob("run_id=*/*.parquet"))) == 2   # nothing lost
-    history = store.read_run("20250101T000000Z-old111")["legacy_commits"]
+    history = store.read_run("20250101T000000Z-old111").legacy_commits
     assert [(c["seq"], [f["uri"][-5:] for f in c["files"]]) for c in history] == [(1, ["a.mp3", "b.mp3"])]
     assert len(list((out / "_legacy" / "_runs").glob("*/commits/*.json"))) == 2
     # a second migrate has nothing to do; runs continue on the tables
@@ -252,7 +253,9 @@ def test_maintain_compacts_checkpoints_and_vacuums(tmp_path, capsys):
     before = store.read_table("segments").sort_by("file_id")
 
     assert cli_main(["maintain", str(tmp_path / "out")]) == 0
-    assert "segments: compacted 6 data files into 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "segments: compacted 6 data files into 1" in printed
+    assert "search index: 0 file(s) no index version needs deleted" in printed
     assert len(store.data_files("segments")) == len(store.data_files("files")) == 1
     assert store.read_table("segments").sort_by("file_id").equals(before)
     assert list((tmp_path / "out" / "segments" / "_delta_log").glob("*.checkpoint.parquet"))
@@ -289,7 +292,7 @@ def test_two_concurrent_runs_with_overlapping_inputs(tmp_path):
         assert p.returncode == 0, se[-3000:]
     store = OutputStore(str(out))
     runs = store.list_runs()
-    assert len(runs) == 2 and all(store.read_run(r)["status"] == RUN_COMPLETED for r in runs)
+    assert len(runs) == 2 and all(store.read_run(r).status == RUN_COMPLETED for r in runs)
     files = store.read_table("files")
     assert sorted(files["uri"].to_pylist()) == sorted(str(audio / f"clip{i}.flac") for i in range(8))
     assert len(set(files["file_id"].to_pylist())) == 8
@@ -356,3 +359,178 @@ def test_two_processes_taking_the_lease_at_once_one_loses(tmp_path):
     write_deltalake(stale_a, row, mode="overwrite", predicate=f"name = '{LEASE_NAME}'")
     with pytest.raises(CommitFailedError):
         write_deltalake(stale_b, row, mode="overwrite", predicate=f"name = '{LEASE_NAME}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema v5: timed text (language, words, Whisper's measures)
+# ---------------------------------------------------------------------------------------------
+
+TIMED_COLUMNS = ("language", "language_prob", "words", "avg_logprob", "compression_ratio", "no_speech_prob")
+WORDS = [{"word": " Grüß", "start_s": 30.52, "end_s": 30.9, "probability": 0.75},
+         {"word": " Gott,", "start_s": 30.9, "end_s": 31.26, "probability": None},
+         {"word": " 東京", "start_s": 31.5, "end_s": 32.0, "probability": 0.5}]
+
+
+def _timed_batch(run_id: str, name: str):
+    """One file, two windows x (transcribe with words, whisper with words and measures, caption)."""
+    uri = f"s3://archive/{name}.mp3"
+    fid = fx.file_id(uri)
+    files = pa.Table.from_pylist([{"file_id": fid, "uri": uri, "status": "ok", "run_id": run_id, "n_segments": 2,
+                                   "duration_s": 60.0, "config_hash": "h"}], schema=schemas.FILES)
+    rows = []
+    for i in range(2):
+        base = {"file_id": fid, "uri": uri, "segment_index": i, "start_s": 30.0 * i, "end_s": 30.0 * (i + 1),
+                "run_id": run_id, "finish_reason": "stop", "language": "de", "language_prob": 0.91}
+        words = WORDS if i == 1 else []        # window 0: timed, no word (an empty list is not null)
+        rows += [{**base, "task": "transcribe", "text": "Grüß Gott, 東京" if i else "", "words": words},
+                 {**base, "task": "whisper", "text": "Grüß Gott, 東京" if i else "", "words": words,
+                  "avg_logprob": -1.3 if i else -0.1, "compression_ratio": 1.1, "no_speech_prob": 0.02,
+                  "finish_reason": schemas.FINISH_LOW_LOGPROB if i else "stop"},
+                 {**base, "task": "caption", "text": "speech", "language": None, "language_prob": None}]
+    segs = pa.Table.from_pylist(rows, schema=schemas.SEGMENTS)
+    return files, segs, [CommittedFile(fid, uri, "v1", "h", "ok", None, run_id, 0)]
+
+
+def test_schema_v5_round_trip_with_words(tmp_path):
+    assert schemas.SCHEMA_VERSION == "5"
+    assert [schemas.SEGMENTS.field(c).nullable for c in TIMED_COLUMNS] == [True] * 6
+    assert schemas.SEGMENTS.field("words").type == pa.list_(schemas.WORD)
+    store = OutputStore(str(tmp_path / "out"))
+    files, segs, entries = _timed_batch("r1", "talk")
+    Committer(store, "r1").commit(files, segs, entries)
+    back = store.read_table("segments").sort_by([("segment_index", "ascending"), ("task", "ascending")])
+    want = schemas.conform(segs, schemas.SEGMENTS).sort_by([("segment_index", "ascending"), ("task", "ascending")])
+    assert back.schema == schemas.SEGMENTS
+    assert back.select(TIMED_COLUMNS + ("task", "finish_reason")).to_pylist() == \
+        want.select(TIMED_COLUMNS + ("task", "finish_reason")).to_pylist()
+    by_task = {(r["segment_index"], r["task"]): r for r in back.to_pylist()}
+    assert by_task[(0, "transcribe")]["words"] == [] and by_task[(0, "caption")]["words"] is None
+    assert [w["word"] for w in by_task[(1, "whisper")]["words"]] == [" Grüß", " Gott,", " 東京"]
+    assert by_task[(1, "whisper")]["words"][1]["probability"] is None
+    for path in store.data_files("segments"):
+        assert data_file_schema_version(pq.read_schema(path)) == "5"
+    assert table_schema_version(store.table("segments")) == "5"
+    # an unknown finish reason is still refused
+    bad = segs.set_column(segs.schema.get_field_index("finish_reason"), "finish_reason",
+                          pa.array(["hallucinated"] * segs.num_rows))
+    with pytest.raises(schemas.SchemaError, match="finish_reason"):
+        Committer(store, "r2").commit(files, bad, entries)
+
+
+def test_results_carry_timed_text_into_segments_and_reused_copies(tmp_path):
+    """RESULTS rows with words -> ResultAssembler -> build_tables -> the tables; a producer that
+    sends none of the new keys still builds; a reused file's rows keep the words."""
+    from pipelines.decode import FileInfo
+    from pipelines.driver import build_tables, reused_file
+    from pipelines.output import ReuseSource
+    from pipelines.sources import FileRef
+    from pipelines.stages import ResultAssembler, info_to_struct
+    from schemas import stage as st
+
+    uri = "/a/talk.wav"
+    ref = FileRef(uri=uri, size_bytes=10, etag=None, mtime=None, file_id=fx.file_id(uri))
+    info = FileInfo(file_id=ref.file_id, uri=uri, status="ok", error_type=None, error_message=None, container="wav",
+                    codec="pcm_s16le", sample_rate_in=16000, channels_in=1, duration_s=60.0, n_segments=2)
+    base = {"kind": st.KIND_SEGMENT, "file_id": ref.file_id, "uri": uri, "prompt": "p", "finish_reason": "stop"}
+    rows = [{**base, "segment_index": i, "start_s": 30.0 * i, "end_s": 30.0 * (i + 1), "task": task, "text": "x",
+             **({"language": "de", "language_prob": 0.9, "words": WORDS if i else None, "avg_logprob": -0.2,
+                 "compression_ratio": 1.2, "no_speech_prob": 0.01} if task == "whisper" else {})}
+            for i in range(2) for task in ("whisper", "caption")]    # caption rows: the keys absent
+    rows[-1]["file_info"] = info_to_struct(info)
+    batch = st.build(rows, st.RESULTS, "infer")
+    assert batch.schema == st.RESULTS and batch["words"].null_count == 3
+    # the words as Ray Data may hand them back (large types, Parquet's "element") are the same data
+    large = pa.large_list(pa.field("element", pa.struct([pa.field("word", pa.large_string()),
+                                                         *[schemas.WORD.field(i) for i in range(1, 4)]])))
+    relaid = batch.set_column(batch.schema.get_field_index("words"), "words", batch["words"].cast(large))
+    assert st.check(relaid, st.RESULTS, "results").equals(batch)
+    asm = ResultAssembler(["whisper", "caption"])
+    done, failed = asm.add(batch)
+    assert failed == [] and len(done) == 1
+    _, segs, _ = build_tables(done, {ref.file_id: ref}, run_id="r1", model_id="tiny-random", chash="h")
+    got = {(r["segment_index"], r["task"]): r for r in segs.to_pylist()}
+    assert got[(1, "whisper")]["words"] == [{**w, "probability": None if w["probability"] is None
+                                             else pytest.approx(w["probability"])} for w in WORDS]
+    assert got[(1, "whisper")]["language"] == "de" and got[(1, "whisper")]["avg_logprob"] == pytest.approx(-0.2)
+    assert got[(1, "caption")]["words"] is None and got[(1, "caption")]["language"] is None
+
+    store = OutputStore(str(tmp_path / "out"))
+    files, segs, entries = build_tables(done, {ref.file_id: ref}, run_id="r1", model_id="m", chash="h")
+    Committer(store, "r1").commit(files, segs, entries)
+    source = ReuseSource(store.read_table("files").to_pylist()[0],
+                         store.read_table("segments").sort_by("segment_index").to_pylist())
+    copy_ref = FileRef(uri="/b/copy.wav", size_bytes=10, etag=None, mtime=None, file_id=fx.file_id("/b/copy.wav"))
+    copied = reused_file(copy_ref, source)
+    _, csegs, _ = build_tables([copied], {copy_ref.file_id: copy_ref}, run_id="r2", model_id="m", chash="h")
+    for a, b in zip(sorted(segs.to_pylist(), key=lambda r: (r["segment_index"], r["task"])),
+                    sorted(csegs.to_pylist(), key=lambda r: (r["segment_index"], r["task"]))):
+        assert {c: a[c] for c in TIMED_COLUMNS} == {c: b[c] for c in TIMED_COLUMNS}
+
+
+def _v4_table(store: OutputStore, name: str) -> None:
+    """Table ``name`` as the schema-v4 pipeline created and wrote it: without the v5 columns,
+    version "4" in its configuration and in its data files."""
+    from deltalake import DeltaTable
+
+    from pipelines.output.tables import SCHEMA_VERSION_KEY, STATS_COLUMNS, table_schema
+
+    v4 = pa.schema([f.with_metadata({SCHEMA_VERSION_KEY: "4"}) if f.name == "file_id" else f
+                    for f in table_schema(name) if f.name not in TIMED_COLUMNS])
+    DeltaTable.create(store.table_uri(name), v4, name=name, raise_if_key_not_exists=False,
+                      configuration={SCHEMA_VERSION_KEY: "4", "delta.dataSkippingStatsColumns": STATS_COLUMNS[name]})
+    files, segs, _ = _batch("r0", ["old"], tag="v4 ")
+    data = {"files": files, "segments": segs}[name]
+    write_deltalake(store.table_uri(name), data.select(v4.names).cast(v4), mode="append")
+
+
+def test_a_v4_output_evolves_to_v5(tmp_path, capsys):
+    from pipelines.cli import main as cli_main
+
+    for via_migrate in (True, False):
+        out = tmp_path / f"out-{via_migrate}"
+        store = OutputStore(str(out))
+        for name in ("files", "segments"):
+            _v4_table(store, name)
+        assert table_schema_version(store.table("segments")) == "4"
+        old = store.read_table("segments")                          # reads with the new columns null
+        assert old.schema == schemas.SEGMENTS and all(old[c].null_count == old.num_rows for c in TIMED_COLUMNS)
+        if via_migrate:
+            assert cli_main(["migrate", str(out)]) == 0
+            said = capsys.readouterr().out
+            assert "table segments brought from schema version 4 to 5" in said and "table files" in said
+            assert {f.name for f in store.table("segments").schema().fields} >= set(TIMED_COLUMNS)
+            assert "schema version 5, nothing to migrate" in migrate(str(out)).format(str(out))
+        # the next commit (evolving the table itself without migrate) writes words beside v4 rows
+        Committer(store, "r1").commit(*_timed_batch("r1", "new"))
+        for name in ("files", "segments"):
+            assert table_schema_version(store.table(name)) == "5"
+        segs = store.read_table("segments")
+        old_rows = [r for r in segs.to_pylist() if r["run_id"] == "r0"]
+        assert len(old_rows) == 2 and all(r["words"] is None and r["language"] is None for r in old_rows)
+        new_rows = [r for r in segs.to_pylist() if r["run_id"] == "r1" and r["words"]]
+        assert len(new_rows) == 2 and new_rows[0]["words"][0]["word"] == " Grüß"
+
+
+def test_readme_words_query_runs_as_written(tmp_path):
+    """The README's DuckDB queries of word timings: the SQL on an Arrow table of the segments
+    (``delta_scan`` needs DuckDB's delta extension, downloaded on first use) and the offline
+    block as written."""
+    import duckdb
+
+    out = tmp_path / "out"
+    store = OutputStore(str(out))
+    Committer(store, "r1").commit(*_timed_batch("r1", "talk"))
+    Committer(store, "r1").commit(*_batch("r1", ["untimed"]))
+    readme = (ROOT / "README.md").read_text()
+    sql = readme.split("<!-- tested: readme-words-sql -->", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    assert "delta_scan('OUT/segments')" in sql
+    segments = store.read_table("segments")   # noqa: F841 - read by DuckDB by name
+    rows = duckdb.sql(sql.replace("delta_scan('OUT/segments')", "segments").rstrip().rstrip(";")).fetchall()
+    want = [("s3://archive/talk.mp3", 1, "de", w["word"].strip(), w["start_s"], w["end_s"]) for w in WORDS]
+    assert [r[:6] for r in rows] == want
+    assert rows[0][6] == pytest.approx(0.75) and rows[1][6] is None
+
+    code = readme.split("<!-- tested: readme-words -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(code.replace('"OUT/', f'"{out}/'), scope)
+    assert [r[:6] for r in scope["words"]] == want

@@ -184,24 +184,24 @@ def test_sigterm_then_sigkill_during_the_two_hour_file_then_resume_exactly_once(
     store = OutputStore(str(out))
     (run_id,) = store.list_runs()
     rec = store.read_run(run_id)
-    assert rec["status"] == "interrupted" and rec["error"] == "interrupted by SIGTERM"
+    assert rec.status == "interrupted" and rec.error == "interrupted by SIGTERM"
     committed = _committed_names(out)
     assert (set(SHORT) | set(BROKEN)) <= committed and "two_hours.opus" not in committed
-    assert rec["counts"]["processed"] == len(committed)
+    assert rec.counts.processed == len(committed)
 
     # 2. the resumed attempt, killed hard while it works on the two-hour file
     resumed = lambda: len((store.read_run(run_id) or {}).get("resumes", [])) == 1   # noqa: E731
     kill_driver_when(cmd, resumed, timeout_s=120, what="the resumed attempt started", after_s=12)
     assert "two_hours.opus" not in _committed_names(out), "the kill landed after the two-hour file was committed"
     rec = store.read_run(run_id)
-    assert rec["status"] == RUN_RUNNING and len(rec["resumes"]) == 1   # a SIGKILL records nothing
+    assert rec.status == RUN_RUNNING and len(rec.resumes) == 1   # a SIGKILL records nothing
 
     # 3. the same command again: completed, exactly once, the reference's rows
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
     rec = store.read_run(run_id)
-    assert store.list_runs() == [run_id] and rec["status"] == RUN_COMPLETED and len(rec["resumes"]) == 2
+    assert store.list_runs() == [run_id] and rec.status == RUN_COMPLETED and len(rec.resumes) == 2
     files = store.read_table("files").to_pylist()
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == sorted([*durations, *BROKEN])
     got = check_tables(store, durations)

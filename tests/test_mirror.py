@@ -28,6 +28,7 @@ from pipelines.ops import report
 from pipelines.ops.status import status_text
 from pipelines.output import CommittedFile, Committer, OutputStore, TooManyRemovals, table_schema_version
 from pipelines.output.mirror import Removals, check_removals
+from pipelines.output.runs import RunRecord
 from pipelines.output.tables import SCHEMA_VERSION_KEY
 from pipelines.run import run_pipeline
 from pipelines.sources import (
@@ -189,19 +190,31 @@ def test_sha256_key_of_the_listed_version_only(tmp_path):
 
 
 def test_the_guard_and_its_flags():
-    check_removals(Removals(("a",), ("u",), 10), 0.1)                 # 10% is not more than 10%
-    with pytest.raises(TooManyRemovals, match=r"2 of the 10 indexed files .*20% > --max-removed 0.1.*"
-                                              r"--max-removed 0\.2 .*--keep-removed"):
-        check_removals(Removals(("a", "b"), ("u", "v"), 10), 0.1)
-    check_removals(Removals(("a", "b"), ("u", "v"), 2), 1.0)
+    check_removals(Removals(("a",), ("u",), 10), 0.1, 0)              # 10% is not more than 10%
+    with pytest.raises(TooManyRemovals, match=r"2 of the 10 indexed files .*20% > --max-removed 0.1, and 2 > "
+                                              r"--max-removed-files 0.*--max-removed 0\.2 .*--keep-removed"):
+        check_removals(Removals(("a", "b"), ("u", "v"), 10), 0.1, 0)
+    check_removals(Removals(("a", "b"), ("u", "v"), 2), 1.0, 0)
     with pytest.raises(TooManyRemovals):
-        check_removals(Removals(("a",), ("u",), 1000), 0.0)
+        check_removals(Removals(("a",), ("u",), 1000), 0.0, 0)
+    # both the share and the count must be exceeded: one episode deleted from an archive of seven
+    # files (14%) is a correct nightly run, not a bad listing; a listing that lost 6 of 7 is refused
+    seven = [f"f{i}" for i in range(7)]
+    check_removals(Removals(("f0",), ("u0",), 7), 0.1)                # default: more than 3 files
+    check_removals(Removals(tuple(seven[:3]), tuple(seven[:3]), 7), 0.1)
+    with pytest.raises(TooManyRemovals, match=r"4 of the 7 .*4 > --max-removed-files 3"):
+        check_removals(Removals(tuple(seven[:4]), tuple(seven[:4]), 7), 0.1)
+    check_removals(Removals(tuple(seven[:4]), tuple(seven[:4]), 1000), 0.1)   # 4 files, but 0.4% of the scope
     for bad in (-0.1, 1.5, float("nan"), float("inf"), True, "0.2"):
         with pytest.raises(ConfigError, match="--max-removed"):
             PipelineConfig(input="/x", out="/o", max_removed=bad)
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ConfigError, match="--max-removed-files"):
+            PipelineConfig(input="/x", out="/o", max_removed_files=bad)
     cfg = PipelineConfig(input="/x", out="/o")
-    assert (cfg.keep_removed, cfg.max_removed) == (False, 0.1)
-    assert config_hash_of(cfg) == config_hash_of(dataclasses.replace(cfg, keep_removed=True, max_removed=1.0))
+    assert (cfg.keep_removed, cfg.max_removed, cfg.max_removed_files) == (False, 0.1, 3)
+    assert config_hash_of(cfg) == config_hash_of(dataclasses.replace(cfg, keep_removed=True, max_removed=1.0,
+                                                                     max_removed_files=0))
 
 
 def test_an_output_of_schema_v3_gets_the_new_columns(tmp_path):
@@ -223,7 +236,7 @@ def test_an_output_of_schema_v3_gets_the_new_columns(tmp_path):
                                  schema=schemas.FILES)
     Committer(store, "r1").commit(files, schemas.SEGMENTS.empty_table(),
                                   [CommittedFile("id-new", "/a/new.wav", "v1", "h", "ok", None, "r1", 0)])
-    assert table_schema_version(store.table("files")) == schemas.SCHEMA_VERSION == "4"
+    assert table_schema_version(store.table("files")) == schemas.SCHEMA_VERSION
     rows = _by_uri(_rows(store, "files"))
     assert rows["/a/old.wav"]["content_hash"] is None and rows["/a/old.wav"]["run_id"] == "r0"
     assert (rows["/a/new.wav"]["content_hash"], rows["/a/new.wav"]["reused_from"]) == ("sha256:00", "/a/old.wav")
@@ -253,7 +266,7 @@ def _index_directly(cfg: PipelineConfig, run_id: str) -> None:
         "finish_reason": "length", "run_id": run_id, "model_id": "tiny-random"} for r in refs], schema=schemas.SEGMENTS)
     Committer(store, run_id).commit(files, segs, [CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None,
                                                                 run_id, 0) for r in refs])
-    store.write_run({"run_id": run_id, "status": RUN_COMPLETED, "config_hash": chash, "input": cfg.input})
+    store.write_run(RunRecord.from_dict({"run_id": run_id, "status": RUN_COMPLETED, "config_hash": chash, "input": cfg.input}))
 
 
 def _cli_run(audio: Path, out: Path, *extra: str) -> list[str]:
@@ -298,7 +311,7 @@ def test_a_listing_that_lost_most_files_changes_nothing(tmp_path, capsys, no_ray
     assert (_snapshot(out / "files"), _snapshot(out / "segments")) == tables, "no Delta commit at all"
     (failed,) = [r for r in store.list_runs() if r != "20260101T000000Z-aaaaaa"]
     rec = store.read_run(failed)
-    assert rec["status"] == RUN_FAILED and rec["error"].startswith("TooManyRemovals: the listing no longer returns 6")
+    assert rec.status == RUN_FAILED and rec.error.startswith("TooManyRemovals: the listing no longer returns 6")
     assert "failed: TooManyRemovals" in status_text(str(out))
 
     # --keep-removed: nothing removed; the copy reuses clip07's results, and Ray is not needed
@@ -314,8 +327,8 @@ def test_a_listing_that_lost_most_files_changes_nothing(tmp_path, capsys, no_ray
         "content_hash"]
     assert _texts(store, str(audio / "copy-of-07.wav")) == _texts(store, str(audio / "clip07.wav"))
     rec = store.read_run(run_id)
-    assert rec["counts"]["reused"] == 1 and rec["counts"]["processed"] == 0
-    assert "ray_init" not in rec["counts"]["phases_s"] and rec["resources"] is None   # Ray never started
+    assert rec.counts.reused == 1 and rec.counts.processed == 0
+    assert "ray_init" not in rec.counts.phases_s and rec.resources is None   # Ray never started
 
     # --max-removed 1.0 removes them: rows gone from the latest version, still in the history
     before = store.table("files").version()
@@ -329,13 +342,13 @@ def test_a_listing_that_lost_most_files_changes_nothing(tmp_path, capsys, no_ray
     assert {s["uri"] for s in _rows(store, "segments")} == set(rows)
     assert len(_rows(store, "files", version=before)) == 11                 # time travel
     rec = store.read_run(run_id)
-    assert rec["status"] == RUN_COMPLETED and rec["counts"]["removed"] == 6
-    assert rec["mirror"]["indexed_in_scope"] == 11 and rec["mirror"]["to_remove"] == 6
+    assert rec.status == RUN_COMPLETED and rec.counts.removed == 6
+    assert rec.mirror["indexed_in_scope"] == 11 and rec.mirror["to_remove"] == 6
     assert "removed 6, reused 0" in status_text(str(out))
     # each removal commit carries the run's transaction and metadata, segments first
     for name in ("segments", "files"):
         info = next(i for _, i in store.commit_infos(name) if i.get("salmonn_pipeline.operation") == "remove")
-        assert info["run_id"] == rec["run_id"] and len(info["file_ids"].split(",")) == 6
+        assert info["run_id"] == rec.run_id and len(info["file_ids"].split(",")) == 6
     # a manifest names files, not a region: it removes nothing
     manifest = tmp_path / "some.txt"
     manifest.write_text(f"{audio}/clip06.wav\n")
@@ -355,8 +368,8 @@ def test_an_interrupted_removal_is_finished_by_the_resume(tmp_path, ray_local):
     store = OutputStore(str(out))
     ids = {Path(r["uri"]).name: r["file_id"] for r in _rows(store, "files")}
     run = "20260102T000000Z-bbbbbb"
-    store.write_run({"run_id": run, "status": "running", "config_hash": config_hash_of(cfg), "input": str(audio),
-                     "started_at": "2026-01-02T00:00:00+00:00"})
+    store.write_run(RunRecord.from_dict({"run_id": run, "status": "running", "config_hash": config_hash_of(cfg), "input": str(audio),
+                     "started_at": "2026-01-02T00:00:00+00:00"}))
     c = Committer(store, run)
     c._delete("segments", sorted([ids["clip0.wav"], ids["clip1.wav"]]), c.next_seq)   # then the driver died
     assert len(_rows(store, "files")) == 4 and len(_rows(store, "segments")) == 2
@@ -449,8 +462,8 @@ def test_folder_archive_follows_deletes_moves_copies(tmp_path, ray_local, monkey
     assert set(gone) <= set(old) and _texts(store, str(audio / "move.flac"), version=version_before) == moved_texts
     # the record, status and report say so
     rec = store.read_run(second.run_id)
-    assert (rec["counts"]["removed"], rec["counts"]["reused"], rec["counts"]["processed"]) == (3, 2, 2)
-    assert f"prefix {audio}" in rec["mirror"]["scope"][0]
+    assert (rec.counts.removed, rec.counts.reused, rec.counts.processed) == (3, 2, 2)
+    assert f"prefix {audio}" in rec.mirror["scope"][0]
     assert "removed 3, reused 2" in status_text(str(out))
     assert "3 removed" in report.render_text(report.collect(str(out), second.run_id))
     # a third run: nothing to do

@@ -189,15 +189,15 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     orphan.write_bytes(src.read_bytes())
     rec = store.read_run(first.run_id)
     # what the run planned on this CPU-only Ray: the CPU batch size, one CPU inference actor
-    assert (rec["batch_size"], rec["resources"]["batch_size"]) == (None, 8)
-    assert rec["resources"]["infer_actors"] == 1 and rec["resources"]["gpus_per_infer_actor"] == 0
+    assert (rec.batch_size, rec.resources["batch_size"]) == (None, 8)
+    assert rec.resources["infer_actors"] == 1 and rec.resources["gpus_per_infer_actor"] == 0
     # where the driver's wall time went: each phase, within the run's wall time
-    phases = rec["counts"]["phases_s"]
-    assert set(phases) == {"list", "ledger", "ray_init", "graph", "finish"}
+    phases = rec.counts.phases_s
+    assert set(phases) == {"list", "ledger", "ray_init", "graph", "finish", "index"}
     assert all(v >= 0 for v in phases.values()) and phases["graph"] > 0
-    assert sum(phases.values()) <= rec["counts"]["wall_s"] and rec["counts"]["commit_s"] <= phases["graph"]
+    assert sum(phases.values()) <= rec.counts.wall_s and rec.counts.commit_s <= phases["graph"]
     assert "  of which: listing " in report.render_text(report.collect(str(out), first.run_id))
-    store.write_run({**rec, "status": RUN_RUNNING})
+    store.write_run(dataclasses.replace(rec, status=RUN_RUNNING))
 
     assert cli_main(["status", str(out)]) == 0
     text = capsys.readouterr().out
@@ -208,7 +208,7 @@ def test_untracked_file_is_ignored_by_status_and_resume(tmp_path, ray_local, cap
     assert again.run_id == first.run_id and again.resumed
     assert again.processed == 0 and again.skipped == n_files
     assert store.read_table("segments").num_rows == n_segs
-    assert store.read_run(first.run_id)["status"] == RUN_COMPLETED
+    assert store.read_run(first.run_id).status == RUN_COMPLETED
     # a file no version lists cannot be told from a concurrent run's write in progress, so resume
     # leaves it; vacuum removes it (with a 0-hour retention here: nothing else writes to OUT)
     assert cli_main(["maintain", str(out), "--vacuum-hours", "0"]) == 0
@@ -371,7 +371,7 @@ def test_out_of_memory_on_a_single_window_is_that_windows_error(monkeypatch):
 
 def test_resources_follow_the_cluster():
     """Pool sizes and batch size from the cluster's CPUs and GPUs; explicit settings win."""
-    from pipelines.run import plan_resources
+    from pipelines.graph import plan_resources
 
     cfg = PipelineConfig(input="x", out="y")
     gpu = plan_resources(cfg, {"CPU": 16.0, "GPU": 4.0})
@@ -386,7 +386,7 @@ def test_gpus_the_cluster_lacks_are_named_at_once():
     """--gpus-per-actor on a cluster without (enough) GPUs: the run says at once that its
     inference actors wait for a GPU node and when the watchdog gives up, instead of waiting
     silently."""
-    from pipelines.run import gpu_shortfall, plan_resources
+    from pipelines.graph import gpu_shortfall, plan_resources
 
     cfg = PipelineConfig(input="x", out="y", gpus_per_infer_actor=1.0)
     cpu_only = {"CPU": 2.0}

@@ -22,6 +22,7 @@ from pipelines.decode import DecodeOptions
 from pipelines.ops import commands as cli_ops
 from pipelines.ops import plan
 from pipelines.output import CommittedFile, Committer, OutputStore, utcnow
+from pipelines.output.runs import RunRecord
 from pipelines.sources import list_inputs
 from salmonn import builtin_task
 from schemas.vocabulary import RUN_COMPLETED
@@ -131,7 +132,7 @@ def archive(tmp_path):
     entries = [CommittedFile(refs[n].file_id, refs[n].uri, refs[n].version, h, st, et, run, 0)
                for n, (st, et, h) in earlier.items()]
     Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), entries)
-    store.write_run({"run_id": run, "status": RUN_COMPLETED, "config_hash": chash})
+    store.write_run(RunRecord.from_dict({"run_id": run, "status": RUN_COMPLETED, "config_hash": chash}))
     # since then: b.wav re-recorded (longer), two new files
     write_wav(audio / "b.wav", 6.0, seed=10)
     os.utime(audio / "b.wav", ns=(os.stat(audio / "b.wav").st_atime_ns, os.stat(audio / "b.wav").st_mtime_ns + 10**9))
@@ -144,7 +145,7 @@ def test_counts_and_reads_no_audio(archive):
     cfg, chash, audio, out = archive
     before = _tree(out), _tree(audio)
     with count_reads(audio) as (opened, nread):
-        p = plan.make_plan(cfg, task_names=[t.name for t in TASKS], chash=chash, probe="never", throughput=10.0)
+        p = plan.plan_run(cfg, probe="never", throughput=10.0)
     assert opened == [] and nread == {}                 # not one audio file was opened
     assert (_tree(out), _tree(audio)) == before          # nothing written anywhere
 
@@ -170,7 +171,7 @@ def test_counts_and_reads_no_audio(archive):
 def test_header_probe_is_exact_and_reads_only_headers(archive):
     cfg, chash, audio, _out = archive
     with count_reads(audio) as (opened, nread):
-        p = plan.make_plan(cfg, task_names=[t.name for t in TASKS], chash=chash, probe="auto", throughput=10.0)
+        p = plan.plan_run(cfg, probe="auto", throughput=10.0)
     by_name = {os.path.relpath(f.uri, audio): f for f in p.files}
     probed = {"b.wav": 6.0, "f.wav": 7.0, "new/g.wav": 1.5, "sub/d.wav": 4.0}
     for name, sec in probed.items():
@@ -200,10 +201,10 @@ def test_second_plan_after_everything_committed_has_nothing_to_do(archive):
                                    "size_bytes": r.size_bytes} for r in refs], schema=schemas.FILES)
     Committer(store, run).commit(files, schemas.SEGMENTS.empty_table(), [
         CommittedFile(r.file_id, r.uri, r.version, chash, "ok", None, run, 0) for r in refs])
-    p = plan.make_plan(cfg, task_names=["caption"], chash=chash, probe="never")
+    p = plan.plan_run(cfg, probe="never")
     assert p.count("unchanged") == 7 and p.todo == [] and p.gpu_hours == 0.0
     # a changed config makes every file config_changed, each with its measured duration
-    p2 = plan.make_plan(cfg, task_names=["caption"], chash="another", probe="never")
+    p2 = plan.plan_run(dataclasses.replace(cfg, tasks=(builtin_task("caption"),)), probe="never")
     assert p2.count("config_changed") == 7
     assert all(f.duration_source == "measured" for f in p2.files)
 
@@ -269,7 +270,7 @@ def test_over_limit_files_are_capped_or_cost_no_work(archive):
     cfg, chash, audio, _out = archive
     big = os.path.getsize(audio / "f.wav") - 1
     cfg = dataclasses.replace(cfg, decode=DecodeOptions(window_s=2.0, max_duration_s=3.0, max_bytes=big))
-    p = plan.make_plan(cfg, task_names=["caption"], chash=chash, probe="auto")
+    p = plan.plan_run(cfg, probe="auto")
     by_name = {os.path.relpath(f.uri, audio): f for f in p.files}
     assert by_name["f.wav"].over_limit == "too_large" and by_name["f.wav"].windows == 0
     assert by_name["b.wav"].over_limit == "too_long" and by_name["b.wav"].duration_s == 3.0  # decoded to the cap

@@ -102,7 +102,7 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
                      what="its first commit", poll_s=0.2)
     store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == RUN_RUNNING, "the kill landed after the run had finished"
+    assert store.read_run(run_id).status == RUN_RUNNING, "the kill landed after the run had finished"
     committed_before = set(store.read_table("files")["file_id"].to_pylist())
     assert 0 < len(committed_before) < 10
     assert 1 <= committed_seq(store, run_id) <= len(committed_before)
@@ -111,13 +111,13 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(resumed)" in done.stdout
     rec = store.read_run(run_id)
-    assert rec["status"] == RUN_COMPLETED and len(rec["resumes"]) == 1
+    assert rec.status == RUN_COMPLETED and len(rec.resumes) == 1
     assert store.list_runs() == [run_id]
     assert_exactly_once(store, 10)
     # only the files not committed before the kill were processed again, or took the rows of the
     # same content (clip01, 04 and 07 are the same noise: one committed before the kill is the
     # others' source)
-    assert rec["counts"]["processed"] + rec["counts"]["reused"] == 10 - len(committed_before)
+    assert rec.counts.processed + rec.counts.reused == 10 - len(committed_before)
 
 
 def test_worker_crashes_are_survived(tmp_path, ray_local):
@@ -232,7 +232,7 @@ def test_ray_job_submit_on_a_local_cluster(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
     store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == RUN_COMPLETED
+    assert store.read_run(run_id).status == RUN_COMPLETED
     assert_exactly_once(store, 4)
     assert store.read_table("files")["status"].to_pylist() == ["ok"] * 4
 
@@ -272,5 +272,5 @@ def test_secret_never_written(tmp_path, s3_server):
                 assert SENTINEL.encode() not in p.read_bytes(), f"secret found in {p}"
     assert scanned > 10
     rec = store.read_run(store.list_runs()[0])
-    assert rec["storage_options"]["secret"] == "***"
+    assert rec.storage_options["secret"] == "***"
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -4,6 +4,7 @@ structured stats."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from html.parser import HTMLParser
 
@@ -12,7 +13,7 @@ import pytest
 from pipelines import stage_times
 from pipelines.ops import commands as cli_ops
 from pipelines.ops import report
-from pipelines.output import OutputStore
+from pipelines.output import OutputStore, RunRecord
 from tests import ops_fixtures as fx
 
 
@@ -22,7 +23,7 @@ def out(tmp_path_factory):
     fx.build_two_runs(path)
     store = OutputStore(path)
     record = store.read_run(fx.RUN1)
-    store.write_run({**record, stage_times.RECORD_KEY: STAGES})
+    store.write_run(dataclasses.replace(record, stage_times=STAGES))
     return path
 
 
@@ -161,7 +162,8 @@ def test_throughput_clock_restarts_at_resume():
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     rows = [{"processed_at": t0 + dt.timedelta(hours=1), "duration_s": 36000.0},
             {"processed_at": t0 + dt.timedelta(hours=30), "duration_s": 36000.0}]
-    record = {"started_at": t0.isoformat(), "resumes": [(t0 + dt.timedelta(hours=29)).isoformat()]}
+    record = RunRecord(run_id="r", status="completed", started_at=t0.isoformat(),
+                       resumes=[(t0 + dt.timedelta(hours=29)).isoformat()])
     ivs = report.throughput_intervals(rows, record)
     assert [iv.rate for iv in ivs] == [pytest.approx(10.0), pytest.approx(10.0)]
 

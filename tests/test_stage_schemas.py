@@ -178,7 +178,7 @@ def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resum
     store = OutputStore(str(out))
     (run_id,) = store.list_runs()
     rec = store.read_run(run_id)
-    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: disk is full"
+    assert rec.status == "failed" and rec.error == "RuntimeError: disk is full"
     assert "Traceback" in (out / "_runs" / run_id / "error.txt").read_text()
     capsys.readouterr()
     assert cli_main(["status", str(out)]) == 0   # status says why the run failed
@@ -186,6 +186,6 @@ def test_a_failure_of_the_run_itself_is_failed_in_run_json_and_exit_1_then_resum
 
     monkeypatch.delenv(faults.ENV)
     assert cli_main(args) == 0
-    assert store.list_runs() == [run_id] and store.read_run(run_id)["status"] == "completed"
+    assert store.list_runs() == [run_id] and store.read_run(run_id).status == "completed"
     files = store.read_table("files").to_pylist()
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in files) == [f"clip{i}.flac" for i in range(4)]

@@ -5,7 +5,10 @@ Runs in .venv-vllm (``bash scripts/make_vllm_venv.sh``; vllm-cpu needs no GPU):
     .venv-vllm/bin/python -m pytest -q tests/test_vllm_engine.py -p no:cacheprovider
 
 and is skipped where vLLM is not installed. One engine serves the whole module (vLLM keeps its
-parallel state per process: closing one in-process engine breaks any other in the process).
+parallel state per process: closing one in-process engine breaks any other in the process). It
+is built as the inference stage builds it (`build_engine`, the LLM saved from the model in
+memory) and as a new user starts it: without VLLM_CPU_KVCACHE_SPACE, while this process holds
+3 GiB more than it needs (vLLM's own default wants 92% of the RAM free at start-up).
 The tiny LLM's LM head is rigged so that EOS wins where a frequent token would, so some answers
 stop at EOS and others run to max_new_tokens (the random model rarely emits EOS on its own).
 """
@@ -13,6 +16,7 @@ stop at EOS and others run to max_new_tokens (the random model rarely emits EOS 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +28,9 @@ import pytest
 import torch
 
 # vLLM reads these when it is imported and when the engine starts: the engine core and the model
-# in this process (starts in ~2-4 s; a step's error keeps its message), a 1 GiB KV cache.
+# in this process (starts in ~2-4 s; a step's error keeps its message; build_engine sets it too
+# off CUDA), no hub. The KV cache is the product's default (salmonn.engines.memory).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: run in .venv-vllm (bash scripts/make_vllm_venv.sh)")
@@ -34,7 +38,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: run in .venv-vll
 import salmonn  # noqa: E402
 from salmonn import EngineDeadError, GenerationSettings, is_out_of_memory  # noqa: E402
 from salmonn.checkpoint import build_salmonn  # noqa: E402
-from salmonn.engines import HfEngine, Request  # noqa: E402
+from salmonn.engines import HfEngine, Request, build_engine  # noqa: E402
+from salmonn.engines.memory import KV_ENV, machine_memory  # noqa: E402
 from salmonn.engines.vllm import VllmEngine, export_lora, lora_state_dict  # noqa: E402
 from tests.model_fixtures import make_clip, pad_batch  # noqa: E402
 
@@ -43,6 +48,7 @@ pytestmark = pytest.mark.vllm
 SCALES = (4.0, 2.0, 0.0)
 CLIP_SECONDS = (30.0, 7.0, 0.5)
 MAX_NEW = 40
+HELD_BYTES = 3 << 30  # held by this process while the engine starts (more on a machine with more free)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,11 @@ def parts():
 
 @pytest.fixture(scope="module")
 def model(parts):
-    return build_salmonn(parts, "cpu")  # fp32 on CPU
+    """fp32 on CPU; without llm_path, as a model built in memory (the tiny preset): the engine
+    saves its LLM for vLLM (the same rigged weights)."""
+    model = build_salmonn(parts, "cpu")
+    model.config = dataclasses.replace(model.config, llm_path=None)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +92,56 @@ def hf(model) -> HfEngine:
     return HfEngine(model)
 
 
+def _hold(n: int) -> bytearray:
+    """n bytes of RAM, every page written (so really held, not just reserved)."""
+    held = bytearray(n)
+    held[::4096] = b"\x01" * len(range(0, n, 4096))
+    return held
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 @pytest.fixture(scope="module")
-def engine(model):
-    engine = VllmEngine(model, lora_scales=SCALES, enforce_eager=True, max_model_len=512)
+def started():
+    """What the engine fixture saw when it started: bytes held, RAM available while holding."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def engine(model, started):
+    kv_env = os.environ.pop(KV_ENV, None)  # the product's default, not a test setting
+    total, available = machine_memory("cpu")
+    # at least 3 GiB, and enough that less than vLLM's default 92% of the RAM stays available
+    rss, held = _rss(), _hold(max(HELD_BYTES, int(available - 0.9 * total)))
+    started.update(held=_rss() - rss, holding=machine_memory("cpu")[1])
+    try:
+        engine = build_engine("vllm", model, lora_scales=SCALES, enforce_eager=True, max_model_len=512)
+    finally:
+        del held
+        if kv_env is not None:
+            os.environ[KV_ENV] = kv_env
     yield engine
     engine.close()
+
+
+def test_engine_starts_with_the_default_kv_cache_beside_held_memory(engine, model, started):
+    """As a new user runs it: no VLLM_CPU_KVCACHE_SPACE, 3 GiB more held by this process (less
+    than 92% of the RAM available: vLLM's default share would refuse to start). The KV cache is
+    sized for max_num_seqs x max_model_len tokens; the LLM is saved for vLLM from the model."""
+    total = machine_memory("cpu")[0]
+    assert started["held"] >= HELD_BYTES * 0.99, started  # really held (pages written)
+    assert started["holding"] < 0.92 * total, started  # vLLM's default share would not have started
+    plan = engine.memory
+    assert plan is not None and plan.device == "cpu" and not plan.asked
+    per_token = 2 * model.config.llm.layers * model.config.llm.hidden * 4  # K, V; fp32
+    assert plan.kv_cache_bytes == 256 * 512 * per_token  # max_num_seqs x max_model_len
+    assert engine.max_model_len == 512 and engine.startup_s > 0
+    assert (Path(engine.llm_path) / "config.json").is_file() and Path(engine.llm_path).is_relative_to(
+        engine._work_dir)
 
 
 def _clips() -> list[torch.Tensor]:
@@ -320,3 +375,14 @@ def test_exact_new_tokens_same_ids_on_both_engines(hf, engine, embeds):
     assert [g.n_tokens for g in want] == lengths * 3
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     assert all(g.finish_reason == "length" for g in got)
+
+
+def test_close_removes_the_saved_llm_and_adapters(engine, embeds):
+    """Last in the module: closes the shared engine (a later test would get a closed engine)."""
+    work = engine._work_dir
+    assert (work / "llm").is_dir() and any((work / "lora").iterdir())
+    engine.close()
+    assert not work.exists()
+    with pytest.raises(EngineDeadError, match="closed"):
+        engine.generate([Request(embeds[0], "Describe.", GenerationSettings())])
+    engine.close()  # idempotent

@@ -33,9 +33,10 @@ from tests.driver_kill import CLI, kill_driver_when  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-# vLLM's CPU build in this process, with a small KV cache; no hub.
-ENV = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# vLLM's CPU build with the product's own settings (the engine core in the actor's process, the KV
+# cache sized by salmonn.engines.memory): none of vLLM's memory variables; no hub.
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")},
+       "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 MIXED = ["--task-setting", "caption.lora_scale=4.0", "--task-setting", "transcribe.lora_scale=2.0",
          "--task-setting", "emotion.lora_scale=0"]
 
@@ -90,7 +91,7 @@ def test_vllm_rows_equal_hf_rows_mixed_lora_scales_speech_gate_on(mixed_archive,
     # the run record says which engine ran
     store = OutputStore(str(tmp_path / "vllm"))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["resources"]["engine"] == "vllm"
+    assert store.read_run(run_id).resources["engine"] == "vllm"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_vllm_hour_long_file_resumes_after_sigkill_to_the_hf_rows(long_archive, 
     assert "(resumed)" in done.stdout
     store = OutputStore(str(out))
     (run_id,) = store.list_runs()
-    assert store.read_run(run_id)["status"] == "completed"
+    assert store.read_run(run_id).status == "completed"
     files, segs = rows(out)
     assert (files, segs) == rows(tmp_path / "hf")
     hour = next(f for f in files if f[0] == "z_one_hour.mp3")

@@ -40,8 +40,7 @@ import json
 import logging
 import math
 import statistics
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -52,26 +51,15 @@ import mutagen.mp4
 import mutagen.wave
 from fsspec.core import url_to_fs
 
-from pipelines.config import config_hash_of, resolve_tasks
-from pipelines.output import (
-    CommittedFile,
-    OutputStore,
-    TooManyRemovals,
-    check_removals,
-    committed_ledger,
-    find_removals,
-    find_sources,
-    is_done,
-    reusable_sizes,
-)
-from pipelines.output.mirror import NO_REMOVALS
-from pipelines.sources import ContentHasher, extension, is_local_uri, list_archive
+from pipelines import planning
+from pipelines.output.health import ensure_healthy
+from pipelines.planning import ACTIONS, CHANGED, CONFIG_CHANGED, NEW, RETRY, TO_PROCESS, UNCHANGED
+from pipelines.sources import extension
 
 log = logging.getLogger(__name__)
 
-NEW, CHANGED, CONFIG_CHANGED, RETRY, UNCHANGED = "new", "changed", "config_changed", "retry", "unchanged"
-ACTIONS = (NEW, CHANGED, CONFIG_CHANGED, RETRY, UNCHANGED)
-TO_PROCESS = (NEW, CHANGED, CONFIG_CHANGED, RETRY)
+__all__ = ["ACTIONS", "CHANGED", "CONFIG_CHANGED", "NEW", "RETRY", "TO_PROCESS", "UNCHANGED", "FilePlan", "Plan",
+           "describe", "plan_json", "plan_run", "probe_file"]
 
 SRC_MEASURED, SRC_HEADER, SRC_ESTIMATE = "measured", "header", "estimate"
 
@@ -145,6 +133,7 @@ class Plan:
     indexed_in_scope: int = 0            # indexed files inside the input's scope
     keep_removed: bool = False
     max_removed: float = 0.1
+    max_removed_files: int = 3
     removal_refused: str | None = None   # why the run would stop (--max-removed), None: it would not
     reuse_checked: str = "all"           # "all", or which files' reuse was not checked and why
     hashed_files: int = 0                # local files hashed to recognise copies
@@ -185,7 +174,8 @@ class Plan:
             "counts": {a: self.count(a) for a in ACTIONS},
             "would_remove": len(self.removed), "would_reuse": len(self.reused),
             "indexed_in_scope": self.indexed_in_scope, "keep_removed": self.keep_removed,
-            "max_removed": self.max_removed, "removal_refused": self.removal_refused,
+            "max_removed": self.max_removed, "max_removed_files": self.max_removed_files,
+            "removal_refused": self.removal_refused,
             "reuse_checked": self.reuse_checked, "hashed_files": self.hashed_files, "hashed_bytes": self.hashed_bytes,
             "removed": list(self.removed),
             "files_listed": len(self.files),
@@ -312,16 +302,6 @@ def n_windows(duration_s: float | None, window_s: float, hop_s: float) -> int:
     return 1 + max(0, math.ceil((duration_s - window_s) / hop_s - 1e-9))
 
 
-def classify(entry: CommittedFile | None, version: str, chash: str) -> str:
-    if entry is None:
-        return NEW
-    if entry.version != version:
-        return CHANGED
-    if entry.config_hash != chash:
-        return CONFIG_CHANGED
-    return UNCHANGED if is_done(entry, version, chash) else RETRY
-
-
 def default_throughput(model: str, n_tasks: int) -> tuple[float, str]:
     """(audio-h per GPU-h for ``n_tasks`` tasks, where the figure comes from)."""
     key = model if model in THROUGHPUT_AUDIO_H_PER_GPU_H else FALLBACK_MODEL
@@ -334,59 +314,39 @@ def default_throughput(model: str, n_tasks: int) -> tuple[float, str]:
 
 
 def plan_run(cfg: Any, *, throughput: float | None = None, probe: str = "auto") -> Plan:
-    """The plan for the run ``cfg`` (a :class:`pipelines.config.PipelineConfig`) would make.
-
-    Tasks and the config hash come from ``pipelines.config``, as the run's do, so the plan's skip
-    decisions are the run's. (With ``cfg.tasks`` empty this needs ``salmonn.default_tasks()``.)
-    """
-    tasks = resolve_tasks(cfg.tasks)
-    return make_plan(cfg, task_names=[t.name for t in tasks], chash=config_hash_of(cfg),
-                     throughput=throughput, probe=probe,
-                     speech_tasks=[t.name for t in tasks if t.needs_speech])
-
-
-def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: float | None = None,
-              probe: str = "auto", speech_tasks: Sequence[str] = ()) -> Plan:
-    """Plan for config ``cfg`` whose tasks are ``task_names`` and config hash ``chash``."""
+    """The plan the run ``cfg`` (a :class:`pipelines.config.PipelineConfig`) would make, with its
+    estimates. The decisions (each file's action, removals, reuse, the guard) are the run's own
+    :class:`pipelines.planning.WorkPlan`; this adds the durations and the GPU estimate.
+    (With ``cfg.tasks`` empty this needs ``salmonn.default_tasks()``.)"""
     if probe not in ("auto", "always", "never"):
         raise ValueError(f"probe must be auto, always or never, got {probe!r}")
-    t0 = time.monotonic()
-    listing = list_archive(cfg.input, dict(cfg.storage_options), extensions=cfg.extensions)
-    refs = listing.refs
-    list_s = time.monotonic() - t0
-    out_so = cfg.out_storage_options if cfg.out_storage_options is not None else cfg.storage_options
-    store = OutputStore(cfg.out, out_so)
-    ledger = committed_ledger(store)
-    previous = _previous_files(store) if ledger else {}
-    kbps = calibrate_kbps(previous.values())
+    prep = planning.prepare(cfg, check_out=False)
+    ensure_healthy(prep.store)   # the run would refuse a table that lost data files: so does its plan
+    with planning.make_plan(prep, hash_local=probe != "never") as work:
+        return describe(prep, work, throughput=throughput, probe=probe)
 
+
+def describe(prep: planning.Prepared, work: planning.WorkPlan, *, throughput: float | None = None,
+             probe: str = "auto") -> Plan:
+    """The :class:`Plan` of ``work``: its decisions, with durations, windows and GPU hours."""
+    cfg = prep.cfg
+    indexed = work.indexed
+    previous = {row["uri"]: row for row in indexed.select(["uri", "size_bytes", "duration_s", "status"]).to_pylist()}
+    kbps = calibrate_kbps(previous.values())
     d = cfg.decode
     window = d.window_s
     hop = d.hop_s if d.hop_s is not None else d.window_s
-    actions = [classify(ledger.get(r.uri), r.version, chash) for r in refs]
-
-    keep_removed = bool(getattr(cfg, "keep_removed", False))
-    max_removed = float(getattr(cfg, "max_removed", 0.1))
-    removals = find_removals(store, listing.scope, refs) if ledger and not keep_removed else NO_REMOVALS
-    refused = None
-    try:
-        check_removals(removals, max_removed)
-    except TooManyRemovals as e:
-        refused = str(e)
-    reuse, reuse_checked, hasher = _reuse(store, [r for r, a in zip(refs, actions) if a in TO_PROCESS], chash,
-                                          probe) if ledger else ({}, "all", None)
 
     # measured durations first; then the header probe for what is left
     durations: dict[str, tuple[float, str]] = {}
-    for r, a in zip(refs, actions):
-        if a in (CONFIG_CHANGED, RETRY):
-            prev = previous.get(r.uri)
-            if prev and prev.get("duration_s") and prev.get("size_bytes") == r.size_bytes:
-                durations[r.uri] = (float(prev["duration_s"]), SRC_MEASURED)
-    to_probe = [r for r, a in zip(refs, actions) if a in TO_PROCESS and r.uri not in durations
-                and r.file_id not in reuse
-                and _probe_wanted(r.uri, probe) and extension(r.uri) in HEADER_PARSERS
-                and r.size_bytes and (d.max_bytes is None or r.size_bytes <= d.max_bytes)]
+    for f in work.files:
+        if f.action in (CONFIG_CHANGED, RETRY):
+            prev = previous.get(f.ref.uri)
+            if prev and prev.get("duration_s") and prev.get("size_bytes") == f.ref.size_bytes:
+                durations[f.ref.uri] = (float(prev["duration_s"]), SRC_MEASURED)
+    to_probe = [f.ref for f in work.to_process if f.ref.uri not in durations and f.over_limit is None
+                and _probe_wanted(f.ref.uri, probe) and extension(f.ref.uri) in HEADER_PARSERS
+                and f.ref.size_bytes]
     probe_bytes = 0
     if to_probe:
         with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(to_probe))) as pool:
@@ -398,86 +358,58 @@ def make_plan(cfg: Any, *, task_names: Sequence[str], chash: str, throughput: fl
                     durations[r.uri] = (dur, SRC_HEADER)
 
     files = []
-    for r, a in zip(refs, actions):
+    for f in work.files:
+        r, a = f.ref, f.action
         if a == UNCHANGED:
             files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0))
-            continue
-        if r.file_id in reuse:
-            source = reuse[r.file_id].file
+        elif f.reuse is not None:
+            source = f.reuse.file
             files.append(FilePlan(r.uri, r.size_bytes, a, source["duration_s"], SRC_MEASURED, 0,
                                   reused_from=source["uri"]))
-            continue
-        if r.size_bytes is not None and d.max_bytes is not None and r.size_bytes > d.max_bytes:
-            files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0, over_limit="too_large"))
-            continue
-        if r.uri in durations:
-            dur, src = durations[r.uri]
+        elif f.over_limit is not None:
+            files.append(FilePlan(r.uri, r.size_bytes, a, None, None, 0, over_limit=f.over_limit))
         else:
-            dur, src = estimate_duration(r.uri, r.size_bytes, kbps), SRC_ESTIMATE
-        over = None
-        if dur is not None and dur > d.max_duration_s:
-            # decode never trusts a header: it decodes up to the sample cap (a partial row)
-            dur, over = d.max_duration_s, "too_long"
-        files.append(FilePlan(r.uri, r.size_bytes, a, dur, src, n_windows(dur, window, hop), over_limit=over))
+            if r.uri in durations:
+                dur, src = durations[r.uri]
+            else:
+                dur, src = estimate_duration(r.uri, r.size_bytes, kbps), SRC_ESTIMATE
+            over = None
+            if dur is not None and dur > d.max_duration_s:
+                # decode never trusts a header: it decodes up to the sample cap (a partial row)
+                dur, over = d.max_duration_s, "too_long"
+            files.append(FilePlan(r.uri, r.size_bytes, a, dur, src, n_windows(dur, window, hop), over_limit=over))
 
+    names = prep.task_names
     if throughput is None:
-        throughput_value, source = default_throughput(cfg.model, len(task_names))
+        throughput_value, source = default_throughput(cfg.model, len(names))
     else:
         if throughput <= 0:
             raise ValueError(f"throughput must be > 0 audio-h per GPU-h, got {throughput}")
         throughput_value, source = throughput, "set with --throughput"
     plan = Plan(
         input=cfg.input if isinstance(cfg.input, str) else " ".join(cfg.input), out=cfg.out,
-        model=cfg.model, tasks=tuple(task_names), config_hash=chash, window_s=window, hop_s=hop,
-        files=tuple(files), throughput=throughput_value, throughput_source=source, list_s=list_s,
+        model=cfg.model, tasks=tuple(names), config_hash=prep.config_hash, window_s=window, hop_s=hop,
+        files=tuple(files), throughput=throughput_value, throughput_source=source, list_s=work.list_s,
         probe_files=len(to_probe), probe_bytes=probe_bytes,
-        speech_gate=bool(getattr(cfg, "speech_gate", False)), speech_tasks=tuple(speech_tasks),
-        speech_measured=_speech_measured(store) if ledger else None,
-        removed=removals.uris, indexed_in_scope=removals.indexed, keep_removed=keep_removed,
-        max_removed=max_removed, removal_refused=refused, reuse_checked=reuse_checked,
-        hashed_files=hasher.files if hasher else 0, hashed_bytes=hasher.bytes if hasher else 0,
+        speech_gate=bool(cfg.speech_gate), speech_tasks=tuple(t.name for t in prep.tasks if t.needs_speech),
+        speech_measured=_speech_measured(indexed),
+        removed=work.removals.uris, indexed_in_scope=work.removals.indexed, keep_removed=cfg.keep_removed,
+        max_removed=cfg.max_removed, max_removed_files=cfg.max_removed_files, removal_refused=work.refusal,
+        reuse_checked=work.reuse_checked, hashed_files=work.hasher.files, hashed_bytes=work.hasher.bytes,
     )
     log.info("plan: %d files listed, %d to process, %.2f audio h", len(files), len(plan.todo), plan.audio_hours())
     return plan
 
 
-def _reuse(store: OutputStore, todo: Sequence[Any], chash: str,
-           probe: str) -> tuple[dict[str, Any], str, ContentHasher | None]:
-    """(file_id -> reuse source, which files' reuse was not checked, the hasher used): the files
-    to process whose content is indexed under another URI. Local files are hashed only when an
-    indexed file has their size, and not at all with ``probe="never"``."""
-    sizes = reusable_sizes(store, chash)
-    maybe = [r for r in todo if r.size_bytes in sizes]
-    local = [r for r in maybe if r.content_key is None and is_local_uri(r.uri)]
-    checked = "all"
-    hasher = None
-    if local and probe == "never":
-        checked = f"{len(local):,} local files of an indexed size (not read with --probe never)"
-        unread = {r.file_id for r in local}
-        maybe = [r for r in maybe if r.file_id not in unread]
-    elif local:
-        hasher = ContentHasher()
-        try:
-            hasher.submit(local)
-            maybe = [hasher.keyed(r) for r in maybe]
-        finally:
-            hasher.close()
-    return find_sources(store, maybe, chash, with_segments=False), checked, hasher
-
-
-def _speech_measured(store: OutputStore) -> tuple[float, float] | None:
+def _speech_measured(files: Any) -> tuple[float, float] | None:
     """(speech h, audio h) of the committed files whose speech was measured (speech gate on)."""
-    rows = store.read_table("files", columns=["speech_s", "duration_s"]).to_pylist()
+    if files.num_rows == 0:
+        return None
+    rows = files.select(["speech_s", "duration_s"]).to_pylist()
     measured = [(r["speech_s"], r["duration_s"] or 0.0) for r in rows if r["speech_s"] is not None]
     if not measured:
         return None
     return sum(s for s, _ in measured) / 3600, sum(d for _, d in measured) / 3600
-
-
-def _previous_files(store: OutputStore) -> dict[str, dict[str, Any]]:
-    """uri -> latest committed files row (uri, size_bytes, duration_s, status)."""
-    table = store.read_table("files", columns=["uri", "size_bytes", "duration_s", "status"])
-    return {row["uri"]: row for row in table.to_pylist()}
 
 
 def calibrate_kbps(rows: Any) -> dict[str, float]:

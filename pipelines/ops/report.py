@@ -29,7 +29,7 @@ from typing import Any
 import schemas
 from pipelines import stage_times
 from pipelines.labels import segment_label
-from pipelines.output import RUNS_DIR, OutputStore, utcnow
+from pipelines.output import RUNS_DIR, OutputStore, RunCounts, RunRecord, utcnow
 from pipelines.stage_times import StageTime
 from schemas.vocabulary import FINISH_SKIPPED
 
@@ -74,7 +74,7 @@ class Sample:
 class ReportData:
     out: str
     run_id: str
-    record: dict[str, Any]
+    record: RunRecord
     runs: tuple[str, ...]
     status_counts: dict[str, int]
     error_types: dict[str, int]
@@ -127,7 +127,7 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
         run_id = runs[-1]
     elif run_id not in runs:
         raise FileNotFoundError(f"{out}: no run {run_id!r}; runs: {', '.join(runs)}")
-    record = store.read_run(run_id) or {"run_id": run_id, "status": "unknown"}
+    record = store.read_run(run_id) or RunRecord(run_id=run_id, status="unknown")
     files = store.read_run_rows("files", run_id)       # as of the run's last commit (time travel)
     segs = store.read_run_rows("segments", run_id)
     frows = files.to_pylist()
@@ -136,10 +136,9 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
     error_types = collections.Counter(r["error_type"] for r in frows if r["error_type"])
     durations = tuple(float(r["duration_s"]) for r in frows if r["duration_s"])
     audio_h = sum(durations) / 3600
-    counts = record.get("counts") or {}
-    wall_s = counts.get("wall_s")
-    if not wall_s and record.get("started_at") and record.get("finished_at"):
-        wall_s = (_ts(record["finished_at"]) - _ts(record["started_at"])).total_seconds()
+    wall_s = record.counts.wall_s if record.counts is not None else None
+    if not wall_s and record.started_at and record.finished_at:
+        wall_s = (_ts(record.finished_at) - _ts(record.started_at)).total_seconds()
 
     seg_cols = segs.select(["file_id", "task", "text", "label", "n_output_tokens", "finish_reason"]).to_pydict()
     speech = [r["speech_s"] for r in frows if r.get("speech_s") is not None]
@@ -157,12 +156,12 @@ def collect(out: str, run_id: str | None = None, storage_options: Mapping[str, A
         status_counts=dict(status_counts), error_types=dict(error_types), durations_s=durations,
         audio_hours=audio_h, wall_s=wall_s, segment_rows=segs.num_rows, tasks=dict(tasks),
         label_counts=dict(labels), intervals=tuple(throughput_intervals(frows, record)),
-        stages=tuple(stage_times.from_record(record.get(stage_times.RECORD_KEY))),
+        stages=tuple(stage_times.from_record(record.stage_times)),
         slowest=tuple(_slowest(frows, tokens, n_slowest)),
         samples=tuple(_samples(store, frows, n_samples)),
         latest_counts=dict(collections.Counter(latest_files["status"].to_pylist())),
         model_ids=tuple(sorted({r["model_id"] for r in frows if r["model_id"]} | (
-            {record["model_id"]} if record.get("model_id") else set()))),
+            {record.model_id} if record.model_id else set()))),
         speech_hours=sum(speech) / 3600 if speech else None, skipped_rows=dict(skipped),
     )
 
@@ -179,7 +178,7 @@ def _ts(value: Any) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def throughput_intervals(frows: Sequence[Mapping[str, Any]], record: Mapping[str, Any]) -> list[Interval]:
+def throughput_intervals(frows: Sequence[Mapping[str, Any]], record: RunRecord) -> list[Interval]:
     """Audio-h per wall-h between consecutive commits (files of one commit share processed_at).
 
     The clock starts at the run's start and restarts at each resume, so the hours a run spent
@@ -191,7 +190,7 @@ def throughput_intervals(frows: Sequence[Mapping[str, Any]], record: Mapping[str
             by_commit[_ts(r["processed_at"])] += (r["duration_s"] or 0.0) / 3600
     if not by_commit:
         return []
-    starts = sorted(_ts(s) for s in [record.get("started_at"), *(record.get("resumes") or [])] if s)
+    starts = sorted(_ts(s) for s in [record.started_at, *record.resumes] if s)
     origin = starts[0] if starts else min(by_commit)
     out, prev = [], origin
     for t in sorted(by_commit):
@@ -275,42 +274,42 @@ def _counts(c: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
-_PHASES = {"list": "listing", "ledger": "ledger", "hash": "content hashes", "reuse": "reuse sources",
+_PHASES = {"list": "listing", "ledger": "ledger", "reuse": "content keys and reuse sources",
            "remove": "removals", "reuse_commit": "reused files", "ray_init": "Ray start", "graph": "decode + inference",
-           "finish": "compaction"}
+           "finish": "compaction", "index": "search index"}
 
 
-def _phases_line(counts: Mapping[str, Any]) -> list[str]:
+def _phases_line(counts: RunCounts | None) -> list[str]:
     """Where the driver's wall time went (``counts.phases_s`` of the run record; none in records
     of runs before it was kept)."""
-    phases = counts.get("phases_s") or {}
-    if not phases:
+    phases = counts.phases_s if counts is not None else {}
+    if counts is None or not phases:
         return []
     parts = []
     for key in [*_PHASES, *sorted(set(phases) - set(_PHASES))]:     # in the order they run
         if key in phases:
-            commits = f" (commits {_fmt_s(counts['commit_s'])})" if key == "graph" and "commit_s" in counts else ""
+            commits = f" (commits {_fmt_s(counts.commit_s)})" if key == "graph" else ""
             parts.append(f"{_PHASES.get(key, key)} {_fmt_s(phases[key])}{commits}")
     return ["  of which: " + ", ".join(parts)]
 
 
 def render_text(d: ReportData) -> str:
     rec = d.record
-    counts = rec.get("counts") or {}
+    counts = rec.counts
     lines = []
     if d.is_tiny:
         lines.append("NOTE: model tiny-random has RANDOM weights: the texts below are meaningless.")
     lines += [
-        f"run {d.run_id} ({rec.get('status', 'unknown')}) under {d.out}",
-        f"  started {rec.get('started_at', '?')}  finished {rec.get('finished_at') or '-'}"
-        + (f"  resumed x{len(rec['resumes'])}" if rec.get("resumes") else ""),
-        f"  model {rec.get('model', '?')} ({', '.join(d.model_ids) or '?'}), config {rec.get('config_hash', '?')}, "
-        f"tasks {', '.join(t['name'] for t in rec.get('tasks', [])) or ', '.join(sorted(d.tasks)) or '?'}",
+        f"run {d.run_id} ({rec.status}) under {d.out}",
+        f"  started {rec.started_at or '?'}  finished {rec.finished_at or '-'}"
+        + (f"  resumed x{len(rec.resumes)}" if rec.resumes else ""),
+        f"  model {rec.model or '?'} ({', '.join(d.model_ids) or '?'}), config {rec.config_hash or '?'}, "
+        f"tasks {', '.join(t['name'] for t in rec.tasks) or ', '.join(sorted(d.tasks)) or '?'}",
         f"files: {d.n_files} processed ({_counts(d.status_counts)})"
-        + (f", {counts['skipped']} skipped as unchanged" if "skipped" in counts else "")
-        + (f", {counts['n_inputs']} inputs" if "n_inputs" in counts else ""),
-        f"archive changes: {counts.get('removed', 0)} removed (gone from the input's scope), "
-        f"{counts.get('reused', 0)} reused (moved or copied: the results of the same content, copied without "
+        + (f", {counts.skipped} skipped as unchanged" if counts is not None else "")
+        + (f", {counts.n_inputs} inputs" if counts is not None else ""),
+        f"archive changes: {rec.removed} removed (gone from the input's scope), "
+        f"{rec.reused} reused (moved or copied: the results of the same content, copied without "
         f"decoding or generating)",
         f"error types: {_counts(d.error_types)}",
         f"audio: {d.audio_hours:.3f} h in {len(d.durations_s)} files"
@@ -507,17 +506,16 @@ text-align:left;vertical-align:top} th{background:#f6f6f6} td.n{text-align:right
 def render_html(d: ReportData) -> str:
     e = html.escape
     rec = d.record
-    counts = rec.get("counts") or {}
+    counts = rec.counts
     cards = [
         ("files processed", d.n_files, ""),
         ("ok", d.status_counts.get("ok", 0), "ok"),
         ("partial", d.status_counts.get("partial", 0), "partial"),
         ("error", d.status_counts.get("error", 0), "error"),
     ]
-    if "skipped" in counts:
-        cards.append(("skipped (unchanged)", counts["skipped"], ""))
-    if "removed" in counts:
-        cards += [("removed (gone)", counts["removed"], ""), ("reused (moved, copied)", counts.get("reused", 0), "")]
+    if counts is not None:
+        cards.append(("skipped (unchanged)", counts.skipped, ""))
+        cards += [("removed (gone)", counts.removed, ""), ("reused (moved, copied)", counts.reused, "")]
     cards += [
         ("audio hours", f"{d.audio_hours:.3f}", ""),
         ("wall time", _fmt_s(d.wall_s), ""),
@@ -534,12 +532,12 @@ def render_html(d: ReportData) -> str:
         f"<title>salmonn-pipeline report: run {e(d.run_id)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>salmonn-pipeline run {e(d.run_id)}</h1>",
-        f'<div class="meta">{e(d.out)} &middot; status <b>{e(str(rec.get("status", "unknown")))}</b> &middot; '
-        f'started {e(str(rec.get("started_at", "?")))} &middot; finished {e(str(rec.get("finished_at") or "-"))}'
-        + (f" &middot; resumed {len(rec['resumes'])}&times;" if rec.get("resumes") else "")
-        + f'<br>model {e(str(rec.get("model", "?")))} ({e(", ".join(d.model_ids) or "?")}) &middot; config '
-        f'{e(str(rec.get("config_hash", "?")))} &middot; tasks '
-        f'{e(", ".join(t["name"] for t in rec.get("tasks", [])) or ", ".join(sorted(d.tasks)))}</div>',
+        f'<div class="meta">{e(d.out)} &middot; status <b>{e(rec.status)}</b> &middot; '
+        f'started {e(rec.started_at or "?")} &middot; finished {e(rec.finished_at or "-")}'
+        + (f" &middot; resumed {len(rec.resumes)}&times;" if rec.resumes else "")
+        + f'<br>model {e(rec.model or "?")} ({e(", ".join(d.model_ids) or "?")}) &middot; config '
+        f'{e(rec.config_hash or "?")} &middot; tasks '
+        f'{e(", ".join(t["name"] for t in rec.tasks) or ", ".join(sorted(d.tasks)))}</div>',
     ]
     if d.is_tiny:
         parts.append('<div class="warn">Model <b>tiny-random</b> has random weights: every text in this run is '

@@ -8,17 +8,18 @@ each replacing the batch's files' earlier rows; a commit is complete when ``file
 resume and the incremental ledger read it from there.
 
 The parts: :mod:`.store` (:class:`OutputStore`: paths, run records, opening and reading the
-tables, recognising the earlier layout), :mod:`.tables` (the Delta schemas and their evolution,
-scans, retries against concurrent writers), :mod:`.ledger` (what is done, what a run still has to
-process), :mod:`.commit` (:class:`Committer`: the commit protocol), :mod:`.mirror` (files gone
-from the archive, and files whose content is already indexed), :mod:`.maintenance` (compaction
-under a lease, checkpoints, vacuum) and :mod:`.migrate` (the earlier layout -> Delta tables).
+tables, recognising the earlier layout), :mod:`.runs` (the typed run record), :mod:`.tables` (the
+Delta schemas and their evolution, scans, retries against concurrent writers), :mod:`.ledger`
+(what is done), :mod:`.commit` (:class:`Committer`: the commit protocol), :mod:`.mirror` (files
+gone from the archive, and files whose content is already indexed), :mod:`.maintenance`
+(compaction under a lease, checkpoints, vacuum) and :mod:`.migrate` (the earlier layout -> Delta
+tables). What a run does with each listed file is decided in ``pipelines.planning``.
 
 No Ray here: the driver calls this package; tests use it directly.
 """
 
 from pipelines.output.commit import Commit, Committer
-from pipelines.output.ledger import CommittedFile, committed_ledger, committed_seq, is_done, pending
+from pipelines.output.ledger import CommittedFile, committed_ledger, committed_seq, with_versions
 from pipelines.output.maintenance import MaintenanceBusy, maintain
 from pipelines.output.migrate import Migration, migrate
 from pipelines.output.mirror import (
@@ -30,11 +31,12 @@ from pipelines.output.mirror import (
     find_sources,
     reusable_sizes,
 )
+from pipelines.output.runs import RunCounts, RunRecord
 from pipelines.output.store import RUNS_DIR, TABLE_NAMES, OldLayoutError, OutputStore, new_run_id, redact, utcnow
 from pipelines.output.tables import data_file_schema_version, table_schema_version
 
 __all__ = ["RUNS_DIR", "TABLE_NAMES", "Commit", "CommittedFile", "Committer", "MaintenanceBusy", "Migration",
            "OldLayoutError", "OutputStore", "Removals", "ReuseSource", "TooManyRemovals", "check_removals",
            "committed_ledger", "committed_seq", "data_file_schema_version", "find_removals", "find_sources",
-           "is_done", "maintain", "migrate", "new_run_id", "pending", "redact", "reusable_sizes",
-           "table_schema_version", "utcnow"]
+           "maintain", "migrate", "new_run_id", "redact", "reusable_sizes", "RunCounts", "RunRecord",
+           "table_schema_version", "utcnow", "with_versions"]

@@ -4,18 +4,17 @@ a run still has to process.
 A commit is complete when ``files`` has it (:mod:`.commit` writes ``segments`` first, ``files``
 last). The ledger is a column scan of ``files`` (uri, version, config_hash, status, error_type):
 its cost depends on the number of files in the table, not on how many commits or runs wrote them.
-A file is skipped while its (uri, version, config_hash) is committed, unless its error is one the
-next run tries again (``schemas.vocabulary``: transient by nature).
+What a run does with each listed file is decided from it once, by ``pipelines.planning`` (the
+skip rule: a file is skipped while its (uri, version, config_hash) is committed, unless its error
+is one the next run tries again: ``schemas.vocabulary``, transient by nature).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.output.store import OutputStore
 from schemas import vocabulary
@@ -57,32 +56,14 @@ def committed_ledger(store: OutputStore) -> dict[str, CommittedFile]:
     return out
 
 
-# The files columns pending() reads.
-PENDING_COLUMNS = ["uri", "version", "etag", "size_bytes", "mtime", "config_hash", "error_type"]
-
-
-def pending(store: OutputStore, refs: Sequence[Any], cfg_hash: str, *, files: pa.Table | None = None) -> list[Any]:
-    """The listed files (``FileRef``-like: uri, version) that need processing under config
-    ``cfg_hash``: :func:`is_done` for every file, decided in one Arrow join of the listing
-    with the ledger columns of ``files`` (no Python object per table row). ``files``: those
-    columns as the caller already read them (one scan serves several decisions)."""
-    refs = list(refs)
-    t = files.select(PENDING_COLUMNS) if files is not None else store.read_table("files", columns=PENDING_COLUMNS)
-    if t.num_rows == 0 or not refs:
-        return refs
-    if t["version"].null_count:  # rows written without the column: the listing's own rule
-        versions = [v if v is not None else _version_of(e, s, m) for v, e, s, m in zip(
-            *(t[c].to_pylist() for c in ("version", "etag", "size_bytes", "mtime")))]
-        t = t.set_column(t.schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
-    listed = pa.table({"uri": pa.array([r.uri for r in refs], pa.string()),
-                       "listed_version": pa.array([r.version for r in refs], pa.string()),
-                       "i": pa.array(range(len(refs)), pa.int64())})
-    joined = listed.join(t.select(["uri", "version", "config_hash", "error_type"]), "uri", join_type="inner")
-    done = pc.and_(pc.and_(pc.equal(joined["version"], joined["listed_version"]),
-                           pc.equal(joined["config_hash"], pa.scalar(cfg_hash, pa.string()))),
-                   pc.invert(pc.is_in(joined["error_type"], pa.array(sorted(RETRYABLE_ERRORS), pa.string()))))
-    done_rows = set(joined.filter(pc.fill_null(done, False))["i"].to_pylist())
-    return [r for i, r in enumerate(refs) if i not in done_rows]
+def with_versions(files: pa.Table) -> pa.Table:
+    """``files`` (with its listing columns) whose null ``version`` cells (rows written before the
+    column existed) are filled by the listing's own rule."""
+    if files.num_rows == 0 or not files["version"].null_count:
+        return files
+    versions = [v if v is not None else _version_of(e, s, m) for v, e, s, m in zip(
+        *(files[c].to_pylist() for c in ("version", "etag", "size_bytes", "mtime")))]
+    return files.set_column(files.schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
 
 
 def committed_seq(store: OutputStore, run_id: str) -> int:
@@ -90,16 +71,6 @@ def committed_seq(store: OutputStore, run_id: str) -> int:
     version for the run id."""
     dt_ = store.table("files")
     return (dt_.transaction_version(run_id) or 0) if dt_ is not None else 0
-
-
-def is_done(entry: CommittedFile | None, version: str, cfg_hash: str) -> bool:
-    """Whether a file at ``version`` under config ``cfg_hash`` needs no processing."""
-    if entry is None:
-        return False
-    if entry.version != version or entry.config_hash != cfg_hash:
-        return False
-    # a transient failure (whole file, or some windows of a partial one) is tried again
-    return entry.error_type not in RETRYABLE_ERRORS
 
 
 def _version_of(etag: str | None, size: int | None, mtime: dt.datetime | None) -> str:

