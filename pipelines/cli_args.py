@@ -122,6 +122,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-s", type=float, default=30.0, help="window length in seconds (<= 30)")
     p.add_argument("--hop-s", type=float, help="hop between windows (default: the window length)")
     p.add_argument("--snap-to-silence", action="store_true", help="move cuts to the quietest 20 ms of the last 2 s")
+    p.add_argument("--timed-text", choices=("on", "off"), default="off",
+                   help="timed text: each window's language and the word times of transcripts (SALMONN's "
+                        "transcribe, aligned by Whisper's decoder on the encoder pass SALMONN already makes); "
+                        "export then cuts subtitles from words. The task `whisper` adds Whisper's own "
+                        "transcript. Part of the config hash when on (default off)")
     p.add_argument("--speech-gate", choices=("on", "off"), default="on",
                    help="on (default): voice activity detection on every window; tasks that need speech "
                         "(transcribe, emotion, ...) are not generated where nobody speaks (finish_reason "
@@ -208,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         infer_actors=args.infer_actors, gpus_per_infer_actor=args.gpus_per_actor,
         flush_files=args.flush_files, flush_seconds=args.flush_seconds, resume_run_id=args.resume,
         fresh=args.fresh, progress=not args.no_progress, speech_gate=args.speech_gate == "on",
+        timed_text=args.timed_text == "on",
         speech_threshold=args.speech_threshold, cut_at_pauses=args.cut_at_pauses,
         stall_timeout_s=args.stall_timeout_s, engine=args.engine,
         keep_removed=args.keep_removed, max_removed=args.max_removed,

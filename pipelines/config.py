@@ -81,6 +81,7 @@ class PipelineConfig:
     model_options: Mapping[str, str] = dataclasses.field(default_factory=dict)   # MODEL_OPTIONS keys
     decode: DecodeOptions = DecodeOptions()
     speech_gate: bool = True                     # VAD on every window; speech tasks skip windows without speech
+    timed_text: bool = False                     # language per window, word times of transcripts (Whisper's decoder)
     speech_threshold: float = DEFAULT_SPEECH_THRESHOLD   # below this share of speech a window has "no speech"
     cut_at_pauses: bool = False                  # end each window at the longest speech pause of its last seconds
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # input (fsspec)
@@ -148,7 +149,8 @@ class PipelineConfig:
         _finite("--flush-seconds", self.flush_seconds, minimum=0.0)
         if self.stall_timeout_s is not None:
             _finite("--stall-timeout-s", self.stall_timeout_s, minimum=0.0, strict=True)
-        for flag, value in (("--speech-gate", self.speech_gate), ("--cut-at-pauses", self.cut_at_pauses)):
+        for flag, value in (("--speech-gate", self.speech_gate), ("--cut-at-pauses", self.cut_at_pauses),
+                            ("--timed-text", self.timed_text)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag}: must be on or off (a bool), got {value!r}")
         _finite("--speech-threshold", self.speech_threshold, minimum=0.0)
@@ -301,6 +303,12 @@ def model_id_for(model: str) -> str:
     return salmonn.model_id_for(model)
 
 
+# What timed text is made with (enters the config hash when --timed-text is on): Whisper's decoder
+# from the model's Whisper folder, openai-whisper's alignment (alignment heads, median filter 7,
+# DTW, its clamps) and the speech gate's spans. Bump it when the word times change.
+TIMING_ID = "whisper-decoder-dtw-v1"
+
+
 def config_hash(parts: Mapping[str, Any]) -> str:
     """Stable short hash of everything that changes a file's results (model, tasks, windowing)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
@@ -315,8 +323,8 @@ def config_hash_of(cfg: PipelineConfig) -> str:
     (``keep_removed``, ``max_removed``, ``max_removed_files``): they decide which rows stay, not what a file's rows are.
     Nor ``repair``: it mends the tables before a run, and the files it marks are redone under the run's own hash.
 
-    The speech gate and pause cuts enter the hash only when they are on, so a run with both off
-    has the hash (and the results) of a run from before they existed."""
+    The speech gate, pause cuts and timed text enter the hash only when they are on, so a run with
+    them off has the hash (and the results) of a run from before they existed."""
     tasks = resolve_tasks(cfg.tasks)
     d = cfg.decode
     parts: dict[str, Any] = {
@@ -329,6 +337,8 @@ def config_hash_of(cfg: PipelineConfig) -> str:
     if cfg.speech_gate:
         parts["speech_gate"] = {"threshold": cfg.speech_threshold, "vad": VAD_ID,
                                "speech_tasks": [t.name for t in tasks if t.needs_speech]}
+    if cfg.timed_text:
+        parts["timed_text"] = {"alignment": TIMING_ID}
     if cfg.cut_at_pauses:
         parts["cut_at_pauses"] = {"search_s": PAUSE_SEARCH_S, "vad": VAD_ID}
     return config_hash(parts)

@@ -252,7 +252,7 @@ def stage_specs(cfg: PipelineConfig, tasks: Sequence[Any], plan: Resources, batc
         {"model": cfg.model, "tasks": list(tasks), "model_options": dict(cfg.model_options),
          "ledger": ledger, "max_attempts": cfg.crash_attempts,
          "speech_threshold": cfg.speech_threshold if cfg.speech_gate else None,
-         "engine": plan.engine, "engine_options": engine_options(plan)},
+         "engine": plan.engine, "engine_options": engine_options(plan), "timed_text": cfg.timed_text},
         # With vLLM two batches run at once in each actor (threads): the next one is encoded while
         # the engine generates the answers of the one before, and its requests join the running
         # engine, which never idles between Ray Data batches (pipelines.infer).

@@ -38,7 +38,14 @@ import pyarrow as pa
 from pipelines import faults
 from pipelines.batching import AttemptLedger
 from schemas import stage as st
-from schemas.vocabulary import FINISH_NO_SPEECH, FINISH_SILENCE, INFERENCE_ERROR, WORKER_CRASH
+from schemas.vocabulary import (
+    FINISH_LENGTH,
+    FINISH_NO_SPEECH,
+    FINISH_SILENCE,
+    FINISH_STOP,
+    INFERENCE_ERROR,
+    WORKER_CRASH,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,13 @@ class WindowIn:
     is_silent: bool = False
     speech_ratio: float | None = None
     file_info: dict[str, Any] | None = None      # the file's FileInfo when this is its last window
+    speech_spans: tuple[tuple[float, float], ...] | None = None   # the VAD's speech, s from start_s
+
+    def spans_in_file(self) -> list[tuple[float, float]] | None:
+        """The window's speech segments in media time (None: not measured)."""
+        if self.speech_spans is None:
+            return None
+        return [(self.start_s + a, self.start_s + b) for a, b in self.speech_spans]
 
 
 def windows_from_batch(batch: pa.Table) -> tuple[list[WindowIn], list[dict[str, Any]]]:
@@ -72,6 +86,8 @@ def windows_from_batch(batch: pa.Table) -> tuple[list[WindowIn], list[dict[str, 
             start_s=row["start_s"], end_s=row["end_s"],
             samples=np.frombuffer(cell.as_buffer(), dtype="<f4") if cell.is_valid else np.zeros(0, np.float32),
             is_silent=bool(row["is_silent"]), speech_ratio=row["speech_ratio"], file_info=row["file_info"],
+            speech_spans=None if row.get("speech_spans") is None else tuple(
+                (float(s["start_s"]), float(s["end_s"])) for s in row["speech_spans"]),
         ))
     return windows, files
 
@@ -85,13 +101,21 @@ class SalmonnPredictor:
     window (``is_silent``) gets every task's row that way, with finish reason ``silence``; a window
     without a measured ratio runs every task. A window with no task left is not encoded either.
     Every window still has one row per task.
+
+    Timed text (``timed_text``, or a ``whisper`` task): Whisper's decoder (``salmonn.whisper_text``)
+    reads the Whisper encoder output of the same encoder pass. Every encoded window gets its
+    language (``language``, ``language_prob``); the ``whisper`` task's rows are Whisper's own
+    transcript with its word times and faster-whisper's quality measures (a window that fails
+    them says so in ``finish_reason``); with ``timed_text`` the answers of transcript tasks
+    (``Task.timed``: SALMONN's ``transcribe``) get word times by forced alignment. Word times are
+    absolute in the file and kept inside the VAD's speech segments where the window has them.
     """
 
     def __init__(self, model: str = "tiny", tasks: Sequence[Any] | None = None, *,
                  device: str | None = None, model_options: dict[str, Any] | None = None,
                  ledger: AttemptLedger | None = None, max_attempts: int = 2,
                  speech_threshold: float | None = None, engine: str = "hf",
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, timed_text: bool = False):
         import torch
 
         import salmonn
@@ -101,12 +125,16 @@ class SalmonnPredictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.tasks = list(tasks) if tasks is not None else list(salmonn.default_tasks())
-        llm = engines.llm_weights(engine, self.tasks)   # vLLM: the LLM's input embeddings may do
+        self.llm_tasks = [t for t in self.tasks if not t.whisper]   # the whisper task is not the LLM's
+        llm = engines.llm_weights(engine, self.llm_tasks)   # vLLM: the LLM's input embeddings may do
         self.model = salmonn.load_model(model, device=device, llm=llm, **(model_options or {}))
         self.model.eval()
         self.model_id = self.model.model_id
         self.engine_name = engine
-        self.engine = engines.build_engine(engine, self.model, self.tasks, **(engine_options or {}))
+        self.engine = engines.build_engine(engine, self.model, self.llm_tasks, **(engine_options or {}))
+        self.timed_text = timed_text
+        self.whisper_text = (salmonn.load_whisper_text(self.model)
+                             if timed_text or any(t.whisper for t in self.tasks) else None)
         self.ledger = ledger
         self.max_attempts = max_attempts
         self._lock = threading.Lock()         # counters below: two batches may run at once (vLLM)
@@ -246,26 +274,34 @@ class SalmonnPredictor:
             faults.maybe_crash("infer", w.uri)
         plan = [self.tasks_for(w) for w in windows]        # the tasks each window runs
         run = [i for i, p in enumerate(plan) if p]         # the windows to encode
-        generations: dict[tuple[int, str], Any] = {}       # (window index, task) -> Generation
+        answers: dict[tuple[int, str], dict[str, Any]] = {}   # (window index, task) -> row fields
+        timed: dict[int, dict[str, Any]] = {}                 # window index -> its language
         if run:
             lengths = [len(windows[i].samples) for i in run]
             wave = np.zeros((len(run), max(lengths)), dtype=np.float32)  # (B, N)
             for j, i in enumerate(run):
                 wave[j, : lengths[j]] = windows[i].samples
             with torch.inference_mode():
-                embeds = self.model.encode(torch.from_numpy(wave).to(self.device),
-                                           torch.tensor(lengths, device=self.device))  # (B, Q, D)
+                audio = (torch.from_numpy(wave).to(self.device), torch.tensor(lengths, device=self.device))
+                if self.whisper_text is None:
+                    embeds, enc = self.model.encode(*audio), None                    # (B, Q, D)
+                else:
+                    embeds, enc = self.model.encode_with_whisper(*audio)             # + (B, 1500, Cw)
             # One request per (window, task) the speech gate lets through, task-major: the HF
             # engine batches a task group's rows together, vLLM takes them all at once.
-            requests = task_requests(embeds, self.tasks, [plan[i] for i in run])
-            for r, answer in zip(requests, self.engine.generate(requests), strict=True):
+            requests = task_requests(embeds, self.llm_tasks, [[t for t in plan[i] if not t.whisper] for i in run])
+            for r, g in zip(requests, self.engine.generate(requests) if requests else [], strict=True):
                 assert r.row is not None and r.task is not None   # task_requests names both
-                generations[(run[r.row], r.task)] = answer
-        dropped = sum(g.dropped_controls for g in generations.values())
+                answers[(run[r.row], r.task)] = {"text": g.text, "n_output_tokens": int(g.n_tokens),
+                                                  "finish_reason": g.finish_reason,
+                                                  "_dropped": g.dropped_controls}
+            if enc is not None:
+                timed = self._timed_text(windows, run, plan, enc, lengths, answers)
+        dropped = sum(a.pop("_dropped", 0) for a in answers.values())
         with self._lock:
             self.windows_encoded += len(run)
             self.controls_dropped += dropped
-            self.generations_skipped += len(windows) * len(self.tasks) - len(generations)
+            self.generations_skipped += len(windows) * len(self.tasks) - len(answers)
         if dropped:
             log.warning("dropped %d control character(s) from the answers of %d windows (byte-fallback tokens "
                         "decoded to NUL, form feed, ...; %d so far in this actor)", dropped, len(windows),
@@ -273,19 +309,63 @@ class SalmonnPredictor:
         rows = []
         for t, task in enumerate(self.tasks):
             for i, w in enumerate(windows):
-                g = generations.get((i, task.name))
+                a = answers.get((i, task.name))
                 rows.append({
                     "kind": st.KIND_SEGMENT, "file_id": w.file_id, "uri": w.uri, "segment_index": w.segment_index,
                     "start_s": w.start_s, "end_s": w.end_s, "task": task.name, "prompt": task.prompt,
-                    "text": g.text if g is not None else None, "lora_scale": float(task.settings.lora_scale),
-                    "num_beams": int(task.settings.num_beams),
-                    "n_output_tokens": int(g.n_tokens) if g is not None else 0,
-                    "finish_reason": g.finish_reason if g is not None else (
-                        FINISH_SILENCE if w.is_silent else FINISH_NO_SPEECH),
+                    "text": None, "n_output_tokens": 0,
+                    "finish_reason": FINISH_SILENCE if w.is_silent else FINISH_NO_SPEECH,
+                    **(a or {}), **timed.get(i, {}),
+                    "lora_scale": float(task.settings.lora_scale), "num_beams": int(task.settings.num_beams),
                     "speech_ratio": w.speech_ratio,
                     "file_info": w.file_info if t == 0 else None,  # passed on once per window
                 })
         return rows
+
+    def _timed_text(self, windows: list[WindowIn], run: list[int], plan: list[list[Any]], enc: Any,
+                    lengths: list[int], answers: dict[tuple[int, str], dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Whisper's decoder on the encoder output ``enc`` (B, 1500, Cw) of the windows ``run``:
+        each window's language (returned per window index), the ``whisper`` task's answers, and
+        with ``timed_text`` the words of the transcript tasks' answers (both into ``answers``)."""
+        from salmonn.text import clean_text
+        from salmonn.timing import place_words
+        from salmonn.whisper_text import mel_frames
+
+        wt = self.whisper_text
+        assert wt is not None
+        enc = enc.to(wt.dtype)
+        frames = [mel_frames(n) for n in lengths]
+        langs = wt.detect_language(enc)                    # [(code, probability)] per encoded window
+        codes = [c for c, _ in langs]
+
+        def placed(i: int, words: Any) -> list[dict[str, Any]]:
+            w = windows[i]
+            return [{"word": x.word, "start_s": x.start_s, "end_s": x.end_s, "probability": x.probability}
+                    for x in place_words(words, w.start_s, w.spans_in_file())]
+
+        for task in self.tasks:
+            if task.whisper:
+                sel = [j for j, i in enumerate(run) if task in plan[i]]
+                if not sel:
+                    continue
+                segs = wt.transcribe(enc[sel], [frames[j] for j in sel], [codes[j] for j in sel],
+                                     max_new_tokens=min(int(task.settings.max_new_tokens), wt.max_text_tokens))
+                for j, seg in zip(sel, segs, strict=True):
+                    text, dropped = clean_text(seg.text)
+                    answers[(run[j], task.name)] = {
+                        "text": text, "n_output_tokens": len(seg.tokens), "_dropped": dropped,
+                        "finish_reason": seg.failed or (FINISH_STOP if seg.finished else FINISH_LENGTH),
+                        "words": placed(run[j], seg.words), "avg_logprob": seg.avg_logprob,
+                        "compression_ratio": seg.compression_ratio, "no_speech_prob": seg.no_speech_prob}
+            elif task.timed and self.timed_text:
+                sel = [j for j, i in enumerate(run) if answers.get((i, task.name), {}).get("text")]
+                if not sel:
+                    continue
+                aligned = wt.align(enc[sel], [frames[j] for j in sel],
+                                   [answers[(run[j], task.name)]["text"] for j in sel], [codes[j] for j in sel])
+                for j, words in zip(sel, aligned, strict=True):
+                    answers[(run[j], task.name)]["words"] = placed(run[j], words)
+        return {i: {"language": code, "language_prob": prob} for i, (code, prob) in zip(run, langs, strict=True)}
 
     def tasks_for(self, w: WindowIn) -> list[Any]:
         """The tasks the speech gate lets ``w`` run: all of them with the gate off (or no ratio

@@ -39,10 +39,11 @@ _EXPORTS = {
         "WhisperDims",
         "config_from_parts_dir",
     ),
-    "engines": ("Engine", "HfEngine", "Request", "VllmEngine"),
-    "load": ("load_model", "model_id_for"),
+    "engines": ("Engine", "HfEngine", "Request", "VllmEngine", "build_engine"),
+    "load": ("load_model", "load_whisper_text", "model_id_for"),
     "model": ("EngineDeadError", "Generation", "Precision", "Salmonn", "is_out_of_memory", "resolve_precision"),
-    "prompts": ("BUILTIN_TASKS", "OFFICIAL_PROMPTS", "TEMPLATE", "Task", "builtin_task", "default_tasks"),
+    "prompts": ("BUILTIN_TASKS", "OFFICIAL_PROMPTS", "TEMPLATE", "WHISPER_TASK", "Task", "builtin_task",
+                "default_tasks"),
     "tiny": ("build_tiny", "write_tiny_parts"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

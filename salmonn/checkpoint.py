@@ -231,11 +231,12 @@ def _download_whisper(repo_id: str, config: SalmonnConfig) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=["*.json", "model*.safetensors*"]))
+        # merges.txt: the tokenizer of Whisper's decoder (salmonn.whisper_text) besides the *.json
+        directory = Path(snapshot_download(repo_id, allow_patterns=["*.json", "merges.txt", "model*.safetensors*"]))
         try:
             _hf_weight_files(directory)
         except FileNotFoundError:
-            directory = Path(snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model*.bin*"]))
+            directory = Path(snapshot_download(repo_id, allow_patterns=["*.json", "merges.txt", "pytorch_model*.bin*"]))
         return directory
     except Exception as err:  # hub unreachable, offline, unknown id...
         raise _hub_error("Whisper", repo_id, config, err) from err

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import build_salmonn
+from .checkpoint import _download_whisper, build_salmonn, resolve_hf
 from .config import PARTS_FILE, SalmonnConfig, config_from_parts_dir
 from .model import Salmonn
-from .tiny import build_tiny
+from .tiny import build_tiny, build_tiny_whisper_text
+from .whisper_text import WhisperText
 
-__all__ = ["config_from_parts_dir", "load_model", "model_id_for"]
+__all__ = ["config_from_parts_dir", "load_model", "load_whisper_text", "model_id_for"]
 
 
 def load_model(
@@ -48,3 +49,17 @@ def model_id_for(model: str) -> str:
     if Path(model).is_dir() and (Path(model) / PARTS_FILE).is_file():
         return config_from_parts_dir(model).model_id
     return SalmonnConfig.from_name(model).model_id
+
+
+def load_whisper_text(model: Salmonn) -> WhisperText:
+    """Whisper's decoder for ``model``'s speech encoder (timed text: language, Whisper's transcript,
+    word timings; ``salmonn.whisper_text``), read from the same Whisper folder the encoder came from
+    (its decoder, ``proj_out``, tokenizer files). The in-memory tiny preset gets the tiny random
+    decoder and the offline tokenizer."""
+    config = model.config
+    dtype = model.precision.encoder_dtype
+    if config.whisper_path is None:     # the in-memory "tiny"
+        return build_tiny_whisper_text(0, config=config, device=model.device, dtype=dtype)
+    src = resolve_hf(config.whisper_path, config, "Whisper")
+    directory = src if isinstance(src, Path) else _download_whisper(src, config)
+    return WhisperText.from_pretrained(directory, device=model.device, dtype=dtype)

@@ -225,6 +225,14 @@ class Salmonn(nn.Module):
         """
         return self.encode_features(*self.features(waveforms, lengths))
 
+    @torch.inference_mode()
+    def encode_with_whisper(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode`, and Whisper's own encoder output (B, 1500, Cw) before `ln_speech`: what
+        Whisper's decoder reads (`salmonn.whisper_text`), from the same single encoder pass."""
+        return self.encode_features_with_whisper(*self.features(waveforms, lengths))
+
     def features(
         self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,10 +252,17 @@ class Salmonn(nn.Module):
         """Both encoders, LayerNorms, windowed Q-Former and projection -> (B, W*Q, D).
 
         `frames` are the true fbank frame counts of right-padded clips (None: no padding)."""
+        return self.encode_features_with_whisper(mel, fbank, frames)[0]
+
+    @torch.inference_mode()
+    def encode_features_with_whisper(
+        self, mel: torch.Tensor, fbank: torch.Tensor, frames: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(speech embeddings (B, W*Q, D), Whisper's encoder output (B, 1500, Cw) before `ln_speech`)."""
         dtype = self.precision.encoder_dtype
         with self._autocast():
-            speech = self.speech_encoder(mel.to(dtype)).last_hidden_state  # (B, 1500, Cw)
-            speech = self.ln_speech(speech)
+            whisper_out = self.speech_encoder(mel.to(dtype)).last_hidden_state  # (B, 1500, Cw)
+            speech = self.ln_speech(whisper_out)
             audio, padding = self.beats(fbank.to(dtype), frames)  # (B, Tb, Cb), (B, Tb)
             audio = self.ln_audio(audio).masked_fill(padding[..., None], 0.0)  # as if zero-padded alone
             x = join_streams(speech, audio)  # (B, T, Cw + Cb)
@@ -255,7 +270,7 @@ class Salmonn(nn.Module):
             query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)  # (B*W, Q, Cq)
             out = self.speech_Qformer(query.to(windows.dtype), windows)  # (B*W, Q, Cq)
             embeds = self.speech_llama_proj(out)  # (B*W, Q, D)
-        return embeds.reshape(x.shape[0], -1, embeds.shape[-1])  # (B, W*Q, D)
+        return embeds.reshape(x.shape[0], -1, embeds.shape[-1]), whisper_out  # (B, W*Q, D), (B, 1500, Cw)
 
     # --- speech embeddings + prompts -> text --------------------------------------------------
     def prompt_parts(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,24 +165,22 @@ def tiny_whisper_hf_config(config: SalmonnConfig):
 def write_tiny_parts(directory: str | os.PathLike, seed: int = 0) -> SalmonnConfig:
     """Write `build_tiny(seed)` as official-format part files; return the config that loads them.
 
-        whisper/      HF WhisperModel directory (save_pretrained; random tiny decoder)
+        whisper/      HF Whisper directory: the encoder, a random tiny decoder, its tokenizer files
         beats.pt      {'cfg': dict, 'model': state dict}
         llm/          HF LlamaForCausalLM directory + Vicuna-style tokenizer files
         salmonn.pth   {'model': trained tensors + official leftovers, 'optimizer': {}, 'epoch': 0}
         salmonn_parts.json
     """
-    from transformers import GenerationConfig, LlamaForCausalLM, WhisperModel
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = build_tiny(seed)
     cfg = model.config
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        whisper = WhisperModel(tiny_whisper_hf_config(cfg))
-    whisper.encoder.load_state_dict(model.speech_encoder.state_dict())
-    whisper.save_pretrained(directory / "whisper")
+    # the whole Whisper folder users have: the encoder, the tiny random decoder with its tokenizer
+    # (what salmonn.whisper_text reads for timed text)
+    write_tiny_whisper(directory / "whisper", seed, encoder=model.speech_encoder)
 
     torch.save({"cfg": cfg.beats.to_dict(), "model": model.beats.state_dict()}, directory / "beats.pt")
 
