@@ -86,7 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     clips = make_demo_clips(audio)
     print(f"demo: wrote {len(clips)} clips to {audio}")
     print(TINY_WARNING)
-    cfg = PipelineConfig(input=audio, out=out, model="tiny", num_cpus=args.num_cpus, progress=not args.no_progress)
+    # timed text on: languages and word times (the tiny random Whisper decoder), subtitles cut from words
+    cfg = PipelineConfig(input=audio, out=out, model="tiny", num_cpus=args.num_cpus, progress=not args.no_progress,
+                         timed_text=True)
     summary = run_pipeline(cfg)
     print(summary.format())
     print(f"\nTables (Delta Lake, Parquet data files): {out}/files/  and  {out}/segments/   "
@@ -100,6 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("or in Python:")
     print(f"  from pipelines.output import OutputStore; OutputStore('{out}').read_table('segments', latest=True)")
     print(f"Status: salmonn-pipeline status {out}")
+    print(f"Subtitles cut from word times: salmonn-pipeline export {out} --format srt --task transcribe "
+          f"--to {os.path.join(base, 'subtitles')}")
+    print(f"Search (the run kept the index current): salmonn-pipeline search {out} \"word\" --task transcribe")
     print(TINY_WARNING)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,16 @@ def test_demo_command(tmp_path):
     ran = subprocess.run(query.strip(), shell=True, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert all(word in ran.stdout for word in ("uri", "task", "start_s", "text", "caption")), ran.stdout
+    # timed text is on in the demo: transcripts carry words, and the printed export and search run
+    segs = store.read_table("segments", columns=["task", "text", "language", "words"]).to_pylist()
+    assert any(r["language"] for r in segs)
+    assert all(r["words"] is not None for r in segs if r["task"] == "transcribe" and r["text"])
+    for prefix in ("Subtitles cut from word times: ", "Search (the run kept the index current): "):
+        line = next(x for x in lines if x.startswith(prefix))[len(prefix):]
+        ran = subprocess.run(line.replace("salmonn-pipeline", shlex.quote(cmd[0]), 1) if exe.exists() else line,
+                             shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert ran.returncode == 0, (line, ran.stderr[-2000:])
+    assert list((tmp_path / "demo" / "subtitles").rglob("*.srt"))
 
 
 def test_failing_window_is_isolated_and_its_neighbours_kept(monkeypatch):
