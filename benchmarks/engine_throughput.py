@@ -222,9 +222,8 @@ def main() -> int:
         print(f"engine_throughput: skipped, vLLM is not installed here ({where}hf {hf.tokens_per_s:,.0f} tokens/s; "
               f"on CPU: bash scripts/make_vllm_venv.sh, then .venv-vllm/bin/python)")
         return 0
-    if device == "cpu":
+    if device == "cpu":   # vLLM's memory share is the engine's own default (salmonn.engines.memory)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with tempfile.TemporaryDirectory(prefix="engine-throughput-") as work:
         engine = vllm_engine(model, args.model, work)
         try:

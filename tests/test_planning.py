@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from pipelines.decode import DecodeOptions
 from pipelines.ops import plan as plan_mod
 from pipelines.output import OutputStore
 from pipelines.run import run_pipeline
+from pipelines.search import index_status, search
 from pipelines.synth import noise, tone, write_audio
 from salmonn import builtin_task
 from schemas.vocabulary import STATUS_ERROR, STATUS_OK
 
 SR = 16000
 TRANSCRIBE = builtin_task("transcribe")
-TASKS = (dataclasses.replace(TRANSCRIBE, settings=dataclasses.replace(TRANSCRIBE.settings, max_new_tokens=2)),)
+TASKS = (dataclasses.replace(TRANSCRIBE, settings=dataclasses.replace(TRANSCRIBE.settings, max_new_tokens=8)),)
 
 
 def _cfg(inp: Path, out: Path, **decode) -> PipelineConfig:
@@ -35,6 +37,15 @@ def _cfg(inp: Path, out: Path, **decode) -> PipelineConfig:
 def _clip(path: Path, i: int, seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_audio(path, tone(200.0 + 37 * i, seconds, SR) if i % 2 else noise(seconds, SR, seed=i), SR, "wav")
+
+
+def _words(out: Path, name: str) -> list[str]:
+    """A few words of the indexed text of ``name`` (the tiny model's random tokens)."""
+    texts = [r["text"] for r in OutputStore(str(out)).read_table("segments").to_pylist()
+             if r["uri"].endswith("/" + name) and r["text"]]
+    # whole tokens as the index splits them (letters and digits), the purely alphabetic ones
+    return sorted({w for t in texts for w in re.findall(r"[^\W_]+", t) if w.isascii() and w.isalpha()
+                   and len(w) >= 3})[:3]
 
 
 def test_prepare_gives_the_dry_run_the_runs_storage_options(tmp_path):
@@ -55,6 +66,7 @@ def test_the_plan_is_what_the_run_does(tmp_path):
     first = run_pipeline(_cfg(audio, out))
     assert (first.processed, first.ok) == (3, 3)
 
+    gone_words = _words(out, "gone.wav")
     shutil.copy(audio / "long.wav", audio / "long-copy.wav")
     shutil.copy(audio / "short.wav", audio / "short-copy.wav")
     _clip(audio / "new.wav", 4, 1.0)
@@ -77,6 +89,15 @@ def test_the_plan_is_what_the_run_does(tmp_path):
     assert (rows["long-copy.wav"]["status"], rows["long-copy.wav"]["error_type"]) == (STATUS_ERROR, "too_large")
     assert rows["short-copy.wav"]["reused_from"] == rows["short.wav"]["uri"]
     assert rows["new.wav"]["status"] == STATUS_OK and rows["new.wav"]["run_id"] == run.run_id
+
+    # the run brought the search index up to its commits: the new file in, the removed one out
+    assert index_status(str(out)).current
+    new_words = _words(out, "new.wav")
+    assert new_words and gone_words     # eight tokens of the tiny model's vocabulary hold a word or two
+    for name, words in (("new.wav", new_words), ("gone.wav", gone_words)):
+        for word in words:
+            hits = search(str(out), word, uri_prefix=str(audio / name), limit=5)
+            assert bool(hits) == (name == "new.wav"), (name, word, hits)
 
     # and afterwards both agree there is nothing left to do
     again = plan_mod.plan_run(cfg, probe="never")
