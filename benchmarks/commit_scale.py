@@ -91,7 +91,8 @@ def build(out: str, n_files: int, rows: int, seed: int = 1) -> tuple[float, int,
             "n_output_tokens": pa.array(n_words.astype(np.int32) * 2), "finish_reason": pa.array(["stop"] * n),
             "run_id": pa.array([OLD_RUN] * n), "model_id": pa.array(["salmonn-13b"] * n),
             "label": pa.array([None] * n, pa.string()), "speech_ratio": pa.array(np.ones(n, np.float32)),
-        }).cast(table_schema("segments"))
+        })
+        seg = schemas.conform(seg, schemas.SEGMENTS).cast(table_schema("segments"))   # timed-text columns null
         write_deltalake(store.table_uri("segments"), seg, mode="append", writer_properties=WRITER_PROPERTIES)
         files = pa.Table.from_pylist([{"file_id": f, "uri": u, "status": "ok", "run_id": OLD_RUN,
                                        "config_hash": OLD_HASH, "n_segments": rows // len(TASKS),

@@ -11,7 +11,9 @@
 # by its limit still holds every configuration measured before. Then the two generation engines
 # (engine_throughput.py: HF static batches vs vLLM, batch 32 windows x 3 tasks), 13B then 7B; the
 # vLLM half runs where vllm is installed (the workplace's GPU image has none: it then measures
-# the HF engine and says "skipped"; carry wheels to measure vLLM). Extra arguments go to the
+# the HF engine and says "skipped"; carry wheels to measure vLLM). Then timed text
+# (timed_text.py: Whisper's decoder on SALMONN's encoder output vs a separate Whisper pass,
+# large-v2 shapes, batch 8 and 32), under LIMIT_TIMED. Extra arguments go to the
 # gpu_throughput runs (e.g. --batch-sizes 8,32,64 --beams 1 to measure less); --smoke, the CPU
 # dry run of this script (tests/test_benchmarks_smoke.py), goes to every run.
 set -u
@@ -22,6 +24,7 @@ LIMIT_13B=${LIMIT_13B:-250}
 LIMIT_7B=${LIMIT_7B:-150}
 LIMIT_ENGINE_13B=${LIMIT_ENGINE_13B:-100}
 LIMIT_ENGINE_7B=${LIMIT_ENGINE_7B:-60}
+LIMIT_TIMED=${LIMIT_TIMED:-60}
 smoke=()
 for a in "$@"; do [ "$a" = --smoke ] && smoke=(--smoke); done
 mkdir -p "$OUT"
@@ -51,4 +54,10 @@ for spec in "salmonn-13b $LIMIT_ENGINE_13B" "salmonn-7b $LIMIT_ENGINE_7B"; do
         status=$rc
     fi
 done
+timeout "$LIMIT_TIMED" "$PY" benchmarks/timed_text.py "${smoke[@]}" 2>&1 | tee "$OUT/timed_text.txt"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ]; then
+    echo "gpu_session: timed text ended with status $rc (124: its ${LIMIT_TIMED} s limit; the log holds what was measured)"
+    status=$rc
+fi
 exit $status

@@ -34,7 +34,7 @@ offline one (``tiny_whisper_tokenizer_dir``: the official ids and layout; the re
 downloaded here). On CPU (and with ``--smoke``): the tiny preset, ``salmonn.load_model("tiny")`` +
 ``salmonn.load_whisper_text`` (a 4-layer decoder of width 64): its figures say nothing of a GPU.
 
-    python benchmarks/timed_text.py [--batch-sizes 8,32] [--windows 32] [--whisper-tokens 112]
+    python benchmarks/timed_text.py [--batch-sizes 8,32] [--windows 16] [--whisper-tokens 112]
         [--segment-tokens 16] [--words 75]
     python benchmarks/timed_text.py --smoke     # tiny, CPU, two windows (a test)
 
@@ -109,17 +109,21 @@ def random_whisper_text(config, decoder: dict, device, dtype, heads=None, std: f
     return WhisperText(dec, tokenizer, heads).eval().requires_grad_(False)
 
 
-def full_size(device):
-    """SALMONN-13B's encoder side and Whisper-large-v2's decoder, random bf16 weights on ``device``."""
-    import salmonn
+def full_size(device, preset: str = "salmonn-13b", decoder: dict | None = None, heads=None):
+    """SALMONN-13B's encoder side and Whisper-large-v2's decoder (with its alignment heads), random
+    weights on ``device`` in the dtype the pipeline uses there (bf16 on CUDA). ``--smoke`` runs the
+    same code for the tiny preset (``check_builders``)."""
     from gpu_throughput import materialise_random
+
+    import salmonn
     from salmonn.whisper_text import WHISPER_LARGE_V2_ALIGNMENT_HEADS
 
-    config = salmonn.SalmonnConfig.from_name("salmonn-13b")
+    if decoder is None:
+        decoder, heads = LARGE_V2_DECODER, WHISPER_LARGE_V2_ALIGNMENT_HEADS
+    config = salmonn.SalmonnConfig.from_name(preset)
     config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, layers=1))   # the LLM is not used
     model = materialise_random(config, device)
-    wt = random_whisper_text(config, LARGE_V2_DECODER, device, model.precision.encoder_dtype,
-                             heads=WHISPER_LARGE_V2_ALIGNMENT_HEADS)
+    wt = random_whisper_text(config, decoder, device, model.precision.encoder_dtype, heads=heads)
     return model, wt
 
 
@@ -132,8 +136,9 @@ def tiny(device):
 
 def check_builders() -> None:
     """--smoke: the full-size builder's code, checked on CPU. Whisper-large-v2's decoder on the meta
-    device (shapes, large-v2's alignment heads fit), and ``random_whisper_text`` at the tiny size
-    against ``build_tiny_whisper_text`` (parameter names, shapes, dtypes)."""
+    device (shapes, large-v2's alignment heads fit); ``full_size`` for the tiny preset: its decoder
+    against ``build_tiny_whisper_text`` (parameter names, shapes, dtypes, heads), and its encoder
+    output read by that decoder."""
     import torch
     from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
@@ -153,12 +158,16 @@ def check_builders() -> None:
     tiny_config = salmonn.SalmonnConfig.from_name("tiny")
     from salmonn.tiny import TINY_WHISPER_DECODER
 
-    got = random_whisper_text(tiny_config, TINY_WHISPER_DECODER, "cpu", torch.float32)
-    ref = build_tiny_whisper_text(0, dtype=torch.float32)
+    model, got = full_size("cpu", "tiny", TINY_WHISPER_DECODER)
+    ref = build_tiny_whisper_text(0, config=tiny_config, dtype=torch.float32)
     shapes = {n: (tuple(p.shape), p.dtype) for n, p in got.named_parameters()}
     assert shapes == {n: (tuple(p.shape), p.dtype) for n, p in ref.named_parameters()}, "random_whisper_text differs"
     assert got.alignment_heads == ref.alignment_heads
-    print("random_whisper_text at the tiny size matches build_tiny_whisper_text: names, shapes, dtypes, heads")
+    wave = torch.from_numpy(speech_windows(1, 2.0, RATE))
+    _, enc = model.encode_with_whisper(wave, torch.tensor([wave.shape[1]]))
+    got.detect_language(enc.to(got.dtype))
+    print("full_size at the tiny size: its decoder matches build_tiny_whisper_text (names, shapes, dtypes, heads) "
+          "and reads its encoder output")
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -202,14 +211,18 @@ def exact_tokens(wt, n: int, segment: int) -> Iterator[None]:
             text_last = run > 0
             no_ts.append(text_last and run < segment)
             no_text.append(text_last and run >= segment and max((t for t in seq if t >= tb), default=tb) < last_id)
-        no_ts_t = torch.tensor(no_ts, device=logits.device)
-        no_text_t = torch.tensor(no_text, device=logits.device)
-        logits[:, tb:] = logits[:, tb:].masked_fill(no_ts_t[:, None], -torch.inf)
-        logits[:, :eot] = logits[:, :eot].masked_fill(no_text_t[:, None], -torch.inf)
+        if any(no_ts):
+            logits[:, tb:].masked_fill_(torch.tensor(no_ts, device=logits.device)[:, None], -torch.inf)
+        if any(no_text):
+            logits[:, :eot].masked_fill_(torch.tensor(no_text, device=logits.device)[:, None], -torch.inf)
         original(logits, tokens)
-        short = torch.tensor([len(seq) < n for seq in tokens], device=logits.device)
-        logits.masked_fill_(~short[:, None], -torch.inf)
-        logits[:, eot] = torch.where(short, -torch.inf, 0.0)
+        short = [len(seq) < n for seq in tokens]
+        if all(short):
+            logits[:, eot] = -torch.inf
+        else:
+            short_t = torch.tensor(short, device=logits.device)
+            logits.masked_fill_(~short_t[:, None], -torch.inf)
+            logits[:, eot] = torch.where(short_t, -torch.inf, 0.0)
 
     wt._timestamp_rules = rules
     try:
@@ -268,7 +281,7 @@ class Result:
 
 
 def run(model, wt, waves, texts, batch: int, n_windows: int, tokens: int, segment: int, max_new: int,
-        device) -> Result:
+        device, warmup: bool = True) -> Result:
     import torch
 
     n_batches = max(1, math.ceil(n_windows / batch))
@@ -276,7 +289,7 @@ def run(model, wt, waves, texts, batch: int, n_windows: int, tokens: int, segmen
     enc_s = whisper_s = 0.0
     parts = Parts()
     peak = 0.0
-    for b in range(n_batches + 1):   # batch 0: warm-up (kernels, allocator), not counted
+    for b in range(0 if warmup else 1, n_batches + 1):   # batch 0: a warm-up (kernels, allocator), not counted
         rows = torch.arange(b * batch, (b + 1) * batch) % waves.shape[0]
         wave = waves[rows]
         lengths = torch.full((batch,), wave.shape[1], device=device)
@@ -286,7 +299,7 @@ def run(model, wt, waves, texts, batch: int, n_windows: int, tokens: int, segmen
             _, enc = model.encode_with_whisper(wave, lengths)
         mel = model.features(wave, lengths)[0]
         with torch.inference_mode(), model._autocast(), Timer(device) as t_whisper:
-            model.speech_encoder(mel.to(model.precision.encoder_dtype)).last_hidden_state
+            model.speech_encoder(mel.to(model.precision.encoder_dtype))   # (B, 1500, Cw): not used
         enc = enc.to(wt.dtype)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -321,13 +334,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default=None, help="windows per batch (default: 8,32 on CUDA, 2,4 on CPU)")
     parser.add_argument("--windows", type=int, default=None,
-                        help="timed windows per batch size, at least one batch (default: 32 on CUDA, 8 on CPU)")
+                        help="timed windows per batch size, at least one batch (default: 16 on CUDA, 8 on CPU)")
     parser.add_argument("--whisper-tokens", type=int, default=112,
                         help="tokens transcribe generates per window (at most 224)")
     parser.add_argument("--segment-tokens", type=int, default=16,
                         help="text tokens between two timestamps in transcribe's output (112 = 6 x (16 + 2))")
     parser.add_argument("--words", type=int, default=75, help="words of the transcript aligned per window")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, two windows (a test)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; --smoke: 1). On a machine shared with other jobs "
+                             "fewer threads than cores avoid OpenMP's contention (2 threads on 2 busy cores ran "
+                             "the decoder ~50x slower than 1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model on CPU, one batch of two windows, no warm-up (a test)")
     args = parser.parse_args()
 
     import torch
@@ -335,9 +353,12 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     cuda = device == "cuda"
     if args.smoke:
-        args.batch_sizes, args.windows, args.whisper_tokens = "2", 2, 24
+        args.batch_sizes, args.windows, args.whisper_tokens, args.segment_tokens, args.words = "2", 2, 12, 4, 30
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8,32" if cuda else "2,4")).split(",")]
-    n_windows = args.windows or (32 if cuda else 8)
+    n_windows = args.windows or (16 if cuda else 8)
     tokens = min(args.whisper_tokens, SAMPLE_LEN)
     print(f"{machine_line()}; device {device}")
     if args.smoke:
@@ -351,7 +372,7 @@ def main() -> int:
     print(f"{what}, built in {t.s:.1f} s; decoder {wt.decoder.config.decoder_layers} layers x "
           f"{wt.decoder.config.d_model}, {dec_params / 1e6:.1f} M parameters, {dec_gib:.3f} GiB in {wt.dtype}"
           + (f"; resident on the GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if cuda else ""))
-    distinct = min(max(batch_sizes) * 2, 16)
+    distinct = min(max(batch_sizes), 8)   # distinct windows, repeated to fill a batch
     waves = torch.from_numpy(speech_windows(distinct, WINDOW_S, RATE)).to(device)
     texts = [transcript(args.words, seed=i) for i in range(distinct)]
     n_text = sum(len(wt.encode(" " + x)) for x in texts) / distinct
@@ -362,7 +383,7 @@ def main() -> int:
     for batch in batch_sizes:
         try:
             r = run(model, wt, waves, texts, batch, max(batch, n_windows), tokens, args.segment_tokens, SAMPLE_LEN,
-                    device)
+                    device, warmup=not args.smoke and not results)
         except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
             import salmonn
 

@@ -96,11 +96,17 @@ def tiny_tokenizer_dir() -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tok-"))
     (staging / "tokenizer.model").write_bytes(model.getvalue())
     (staging / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
+    return _publish(staging, target, "trained tiny tokenizer")
+
+
+def _publish(staging: Path, target: Path, what: str) -> Path:
+    """Move the cache entry written in ``staging`` to ``target`` (atomic; a concurrent writer may
+    have won, which is fine)."""
     try:
-        staging.rename(target)  # atomic; a concurrent writer may have won, which is fine
+        staging.rename(target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("trained tiny tokenizer in %s", target)
+    logger.info("%s in %s", what, target)
     return target
 
 
@@ -293,12 +299,7 @@ def tiny_whisper_tokenizer_dir() -> Path:
     (staging / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot})
     )
-    try:
-        staging.rename(target)  # atomic; a concurrent writer may have won, which is fine
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote tiny Whisper tokenizer in %s", target)
-    return target
+    return _publish(staging, target, "wrote tiny Whisper tokenizer")
 
 
 def tiny_whisper_config(config: SalmonnConfig | None = None):

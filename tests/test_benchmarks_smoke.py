@@ -26,6 +26,9 @@ FINAL_LINES = {
                        r"= \d+\.\d+x wall; committing .* = \d+\.\dx$",
     "content_hash.py": r"^content_hash: sha256 / read of a [\d.]+ GiB file = \d+\.\d+x warm \(.*\)(; \d+\.\d+x cold "
                        r"\(.*\))?$",
+    "timed_text.py": r"^timed_text: CPU, tiny random model: not a GPU figure; separate Whisper pass / timed text "
+                     r"on the shared encoder output = \d+\.\d\dx at batch \d+ \(.*\); encoder pass \d+\.\d ms/window, "
+                     r"timed text \d+\.\d ms/window = \d+% of SALMONN's encode$",
     "search_scale.py": r"^search_scale: [\d,]+ windows: DuckDB ILIKE \d+ ms / index phrase p50 \d+\.\d+ ms = \d+x; "
                        r"full build \d+\.\d s / one night's update \d+\.\d\d s = \d+\.\dx$",
     # in the main venv vLLM is absent: the HF half runs and the line says skipped; in .venv-vllm
@@ -46,6 +49,7 @@ def run_script(name: str, *args: str, timeout: float = 120) -> str:
 
 
 # gpu_session.sh's dry run runs these two with --smoke (twice each) and checks the same last lines
+# (it runs timed_text.py --smoke too, which is also tested on its own below: it is quick)
 IN_GPU_SESSION = ("gpu_throughput.py", "engine_throughput.py")
 
 
@@ -68,23 +72,28 @@ def test_gpu_throughput_skips_without_gpu():
     assert last.startswith("gpu_throughput: skipped, no GPU"), last
 
 
-# four benchmark processes, each importing torch and building tiny models (~35 s): slow
+# five benchmark processes (gpu_throughput and engine_throughput for two models, then timed_text),
+# each importing torch and building tiny models (~50 s): slow
 @pytest.mark.slow
 def test_gpu_session_script_dry_run(tmp_path):
     """benchmarks/gpu_session.sh, the prepared command for a lent GPU machine, runs both models'
-    benchmark under their limits and leaves one log per model in $OUT (--smoke: the CPU dry run)."""
+    benchmarks under their limits, then timed text, and leaves one log per run in $OUT (--smoke:
+    the CPU dry run)."""
     import os
 
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine_13b.txt", "engine_7b.txt", "gpu_13b.txt",
-                                                          "gpu_7b.txt", "nvidia-smi.txt", "versions.txt"]
+                                                          "gpu_7b.txt", "nvidia-smi.txt", "timed_text.txt",
+                                                          "versions.txt"]
     for log in ("gpu_13b.txt", "gpu_7b.txt"):
         last = (tmp_path / log).read_text().strip().splitlines()[-1]
         assert re.match(FINAL_LINES["gpu_throughput.py"], last), last
     for log in ("engine_13b.txt", "engine_7b.txt"):
         last = (tmp_path / log).read_text().strip().splitlines()[-1]
         assert re.match(FINAL_LINES["engine_throughput.py"], last), last
+    last = (tmp_path / "timed_text.txt").read_text().strip().splitlines()[-1]
+    assert re.match(FINAL_LINES["timed_text.py"], last), last
     assert "torch" in (tmp_path / "versions.txt").read_text()

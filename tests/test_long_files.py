@@ -190,7 +190,7 @@ def test_sigterm_then_sigkill_during_the_two_hour_file_then_resume_exactly_once(
     assert rec.counts.processed == len(committed)
 
     # 2. the resumed attempt, killed hard while it works on the two-hour file
-    resumed = lambda: len((store.read_run(run_id) or {}).get("resumes", [])) == 1   # noqa: E731
+    resumed = lambda: len(getattr(store.read_run(run_id), "resumes", [])) == 1   # noqa: E731
     kill_driver_when(cmd, resumed, timeout_s=120, what="the resumed attempt started", after_s=12)
     assert "two_hours.opus" not in _committed_names(out), "the kill landed after the two-hour file was committed"
     rec = store.read_run(run_id)

@@ -160,7 +160,8 @@ class OutputStore:
         """The record of ``run_id`` (:class:`pipelines.output.runs.RunRecord`), None when it has none."""
         p = posixpath.join(self.run_dir(run_id), RUN_RECORD)
         try:
-            return RunRecord.from_dict(self.read_json(p))
+            # a record missing its id or status (written by hand, or cut short) still reads
+            return RunRecord.from_dict({"run_id": run_id, "status": "unknown", **self.read_json(p)})
         except FileNotFoundError:
             return None
 
