@@ -21,7 +21,10 @@ same shape), so the ratio printed last, (encoder pass + timed text) / timed text
 from sharing the encoder pass. Also printed: the encoder pass alone, SALMONN's own encode
 (``encode_with_whisper``: log-mel, fbank, Whisper, BEATs, Q-Former) and the share of it that timed
 text adds, seconds per window, audio-seconds per (GPU-)second, and on CUDA the decoder's weights
-and peak memory (``torch.cuda.max_memory_allocated``) in bf16.
+and peak memory (``torch.cuda.max_memory_allocated`` during timed text, above what was resident)
+in bf16. Each batch size times at least ``--windows`` windows; one warm-up batch before the first
+batch size is not counted. The word times' DTW (``salmonn.timing.dtw``) runs in numpy on the CPU
+whatever the device: on a GPU it is likely a large share of timed text.
 
 Models. On CUDA: Whisper-large-v2's real shapes with random bf16 weights (nothing downloaded):
 SALMONN-13B's encoder side (Whisper encoder 32 layers x 1280, BEATs, Q-Former, projection) from
@@ -35,8 +38,8 @@ downloaded here). On CPU (and with ``--smoke``): the tiny preset, ``salmonn.load
 ``salmonn.load_whisper_text`` (a 4-layer decoder of width 64): its figures say nothing of a GPU.
 
     python benchmarks/timed_text.py [--batch-sizes 8,32] [--windows 16] [--whisper-tokens 112]
-        [--segment-tokens 16] [--words 75]
-    python benchmarks/timed_text.py --smoke     # tiny, CPU, two windows (a test)
+        [--segment-tokens 16] [--words 75] [--threads N]
+    python benchmarks/timed_text.py --smoke     # tiny, CPU, one batch of two windows (a test)
 
 No goal: the last line is the speed-up from sharing the encoder pass, at each batch size.
 """
@@ -270,6 +273,7 @@ class Result:
     whisper_encoder: float   # the encoder pass alone, on the same mel
     parts: Parts
     peak_gib: float | None = None   # CUDA: max_memory_allocated during timed text, above what was resident
+    peak_total_gib: float | None = None   # CUDA: max_memory_allocated during timed text, all of it
 
     @property
     def separate(self) -> float:
@@ -288,7 +292,7 @@ def run(model, wt, waves, texts, batch: int, n_windows: int, tokens: int, segmen
     cuda = torch.device(device).type == "cuda"
     enc_s = whisper_s = 0.0
     parts = Parts()
-    peak = 0.0
+    peak = peak_total = 0.0
     for b in range(0 if warmup else 1, n_batches + 1):   # batch 0: a warm-up (kernels, allocator), not counted
         rows = torch.arange(b * batch, (b + 1) * batch) % waves.shape[0]
         wave = waves[rows]
@@ -312,14 +316,16 @@ def run(model, wt, waves, texts, batch: int, n_windows: int, tokens: int, segmen
         enc_s += t_enc.s
         whisper_s += t_whisper.s
         if cuda:
-            peak = max(peak, (torch.cuda.max_memory_allocated(device) - resident) / 2**30)
-    return Result(batch, n_batches * batch, enc_s, whisper_s, parts, peak if cuda else None)
+            top = torch.cuda.max_memory_allocated(device)
+            peak, peak_total = max(peak, (top - resident) / 2**30), max(peak_total, top / 2**30)
+    return Result(batch, n_batches * batch, enc_s, whisper_s, parts, *((peak, peak_total) if cuda else (None, None)))
 
 
 def print_result(r: Result) -> None:
     w, p = r.windows, r.parts
     per = 1000 / w
-    peak = f", peak +{r.peak_gib:.2f} GiB" if r.peak_gib is not None else ""
+    peak = (f"; GPU memory peak {r.peak_total_gib:.2f} GiB, +{r.peak_gib:.2f} GiB over the resident models and "
+            f"batch" if r.peak_gib is not None else "")
     print(f"batch {r.batch:3d} x {r.windows // r.batch} batches: per window ms: SALMONN encode {r.encode * per:.1f}, "
           f"Whisper encoder pass {r.whisper_encoder * per:.1f}; timed text {p.total * per:.1f} (language "
           f"{p.detect * per:.1f}, align {p.align * per:.1f}, transcribe {p.transcribe * per:.1f}) = "
@@ -343,7 +349,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; --smoke: 1). On a machine shared with other jobs "
                              "fewer threads than cores avoid OpenMP's contention (2 threads on 2 busy cores ran "
-                             "the decoder ~50x slower than 1)")
+                             "the decoder 30-100x slower than 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on CPU, one batch of two windows, no warm-up (a test)")
     args = parser.parse_args()
@@ -390,6 +396,7 @@ def main() -> int:
             if not salmonn.is_out_of_memory(err):
                 raise
             print(f"batch {batch:3d}: OOM", flush=True)
+            torch.cuda.empty_cache()
             continue
         print_result(r)
         results.append(r)
