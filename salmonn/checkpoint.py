@@ -292,19 +292,27 @@ def _materialise(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
 
 
 # --- the parts ------------------------------------------------------------------------------------
-def load_whisper_encoder(directory: Path, *, device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    """WhisperEncoder from an HF Whisper directory, reading only the encoder's tensors."""
+def load_whisper_half(directory: Path, half: str, *, attn_implementation: str) -> tuple[nn.Module, Any]:
+    """(WhisperEncoder or WhisperDecoder, its WhisperConfig) from an HF Whisper directory, reading
+    only that half's tensors (``half``: "encoder" or "decoder"), strictly, on the CPU."""
     from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
+    module_cls = {"encoder": WhisperEncoder, "decoder": WhisperDecoder}[half]
     cfg = WhisperConfig.from_pretrained(directory)
     cfg._attn_implementation = attn_implementation
-    state = _read_prefixed(_hf_weight_files(directory), ("model.encoder.", "encoder."))
+    state = _read_prefixed(_hf_weight_files(directory), (f"model.{half}.", f"{half}."))
     if not state:
-        raise CheckpointError(f"Whisper weights in {directory} hold no encoder tensors")
+        raise CheckpointError(f"Whisper weights in {directory} hold no {half} tensors")
     with torch.device("meta"):
-        encoder: nn.Module = WhisperEncoder(cfg)
-    _materialise(encoder, state, f"Whisper encoder ({directory})")
+        module: nn.Module = module_cls(cfg)
+    _materialise(module, state, f"Whisper {half} ({directory})")
+    return module, cfg
+
+
+def load_whisper_encoder(directory: Path, *, device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """WhisperEncoder from an HF Whisper directory, reading only the encoder's tensors."""
+    encoder, _ = load_whisper_half(directory, "encoder", attn_implementation=attn_implementation)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

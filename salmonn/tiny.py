@@ -151,23 +151,6 @@ def build_tiny(
     return place(model, device, precision)
 
 
-def tiny_whisper_hf_config(config: SalmonnConfig):
-    """A full WhisperConfig for the tiny encoder dims, with a minimal decoder (for writing HF dirs)."""
-    return config.whisper.to_hf(
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=64,
-        max_target_positions=32,
-        vocab_size=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        begin_suppress_tokens=None,
-        suppress_tokens=None,
-    )
-
-
 def write_tiny_parts(directory: str | os.PathLike, seed: int = 0) -> SalmonnConfig:
     """Write `build_tiny(seed)` as official-format part files; return the config that loads them.
 

@@ -304,22 +304,12 @@ class WhisperText(nn.Module):
         encoder comes from); only the decoder's tensors are read. Alignment heads: as given, else
         the folder's generation_config.json, else Whisper-large-v2's for a folder of its shape,
         else every head of the second half of the decoder layers (openai's default)."""
-        from transformers import WhisperConfig
-        from transformers.models.whisper.modeling_whisper import WhisperDecoder
-
-        from .checkpoint import CheckpointError, _hf_weight_files, _materialise, _read_prefixed
+        from .checkpoint import load_whisper_half
 
         directory = Path(whisper_dir).expanduser()
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory}: not an HF Whisper folder (no config.json)")
-        cfg = WhisperConfig.from_pretrained(directory)
-        cfg._attn_implementation = attn_implementation
-        state = _read_prefixed(_hf_weight_files(directory), ("model.decoder.", "decoder."))
-        if not state:
-            raise CheckpointError(f"Whisper weights in {directory} hold no decoder tensors")
-        with torch.device("meta"):
-            decoder = WhisperDecoder(cfg)
-        _materialise(decoder, state, f"Whisper decoder ({directory})")
+        decoder, cfg = load_whisper_half(directory, "decoder", attn_implementation=attn_implementation)
         tokenizer = load_whisper_tokenizer(directory)
         heads = alignment_heads if alignment_heads is not None else _folder_alignment_heads(directory, cfg)
         model = cls(decoder, tokenizer, heads)

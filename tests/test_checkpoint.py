@@ -108,9 +108,9 @@ def test_whisper_from_conditional_generation_layout(tmp_path, tiny_model):
     """openai/whisper-* hub files use WhisperForConditionalGeneration keys (model.encoder.*)."""
     from transformers import WhisperForConditionalGeneration
 
-    from salmonn.tiny import tiny_whisper_hf_config
+    from salmonn.tiny import tiny_whisper_config
 
-    full = WhisperForConditionalGeneration(tiny_whisper_hf_config(tiny_model.config))
+    full = WhisperForConditionalGeneration(tiny_whisper_config(tiny_model.config))
     full.model.encoder.load_state_dict(tiny_model.speech_encoder.state_dict())
     full.save_pretrained(tmp_path)
     encoder = load_whisper_encoder(tmp_path, device="cpu", dtype=torch.float32)

@@ -89,7 +89,8 @@ def scan(dt_: DeltaTable, local_root: str | None, *, columns: Sequence[str] | No
     # Data files delta-rs rewrote (a delete, a predicate overwrite that kept rows, a compaction)
     # store strings as string_view, which Arrow's filters cannot compare with the string literals
     # of ``filter`` ("no kernel matching input types (string, string_view)"). Such a fragment is
-    # read whole, its columns cast to the table's types, then filtered; the others as usual.
+    # read whole in the table's types (the dataset schema casts it), then filtered; the others as
+    # usual.
     parts = []
     for fragment in ds.get_fragments():
         views = any(pa.types.is_string_view(f.type) or pa.types.is_binary_view(f.type)
@@ -98,8 +99,7 @@ def scan(dt_: DeltaTable, local_root: str | None, *, columns: Sequence[str] | No
             parts.append(fragment.to_table(schema=ds.schema, columns=cols, filter=filter,
                                            fragment_scan_options=options))
             continue
-        t = fragment.to_table(schema=ds.schema, fragment_scan_options=options)
-        t = t.cast(ds.schema).filter(filter)
+        t = fragment.to_table(schema=ds.schema, fragment_scan_options=options).filter(filter)   # read as string
         parts.append(t.select(cols) if cols is not None else t)
     if not parts:
         return ds.to_table(columns=cols, filter=filter, fragment_scan_options=options)
