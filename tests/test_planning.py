@@ -8,6 +8,7 @@ the two used to disagree), and a removal the guard allows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -62,30 +63,39 @@ def test_the_plan_is_what_the_run_does(tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "out"
     _clip(audio / "long.wav", 1, 4.0)     # indexed, then copied: the copy is over --max-bytes
     _clip(audio / "short.wav", 2, 1.0)    # indexed, then copied: the copy reuses its rows
-    _clip(audio / "gone.wav", 3, 1.0)     # indexed, then deleted: 1 of 3 files (33%) is not a bad listing
+    _clip(audio / "gone.wav", 3, 1.0)     # indexed, then deleted
+    _clip(audio / "moved.wav", 5, 1.5)    # indexed, then renamed: a removal plus a reuse
+    _clip(audio / "changed.wav", 6, 1.0)  # indexed, then re-recorded
     first = run_pipeline(_cfg(audio, out))
-    assert (first.processed, first.ok) == (3, 3)
+    assert (first.processed, first.ok) == (5, 5)
 
     gone_words = _words(out, "gone.wav")
     shutil.copy(audio / "long.wav", audio / "long-copy.wav")
     shutil.copy(audio / "short.wav", audio / "short-copy.wav")
     _clip(audio / "new.wav", 4, 1.0)
     os.remove(audio / "gone.wav")
+    os.rename(audio / "moved.wav", audio / "moved-to.wav")
+    _clip(audio / "changed.wav", 7, 2.0)
+    # 2 of 5 indexed files gone (40%) but not more than --max-removed-files (3): not a bad listing
     # max_bytes is not part of the config hash: the indexed files stay unchanged
     cfg = _cfg(audio, out, max_bytes=os.path.getsize(audio / "long.wav") - 1)
 
-    plan = plan_mod.plan_run(cfg)
-    actions = {Path(f.uri).name: (f.action, f.over_limit, Path(f.reused_from).name if f.reused_from else None)
-               for f in plan.files}
+    plan = json.loads(plan_mod.plan_json(plan_mod.plan_run(cfg)))    # what `plan --files --json` prints
+    actions = {Path(f["uri"]).name: (f["action"], f["over_limit"], f["reused_from"] and Path(f["reused_from"]).name)
+               for f in plan["files"]}
     assert actions == {"long.wav": ("unchanged", None, None), "short.wav": ("unchanged", None, None),
                        "long-copy.wav": ("new", "too_large", None),     # too large to hash: never reused
-                       "short-copy.wav": ("new", None, "short.wav"), "new.wav": ("new", None, None)}
-    assert [Path(u).name for u in plan.removed] == ["gone.wav"] and plan.removal_refused is None
+                       "short-copy.wav": ("new", None, "short.wav"), "new.wav": ("new", None, None),
+                       "moved-to.wav": ("new", None, "moved.wav"), "changed.wav": ("changed", None, None)}
+    assert sorted(Path(u).name for u in plan["removed"]) == ["gone.wav", "moved.wav"]
+    assert plan["removal_refused"] is None
 
     run = run_pipeline(cfg)
-    assert (run.skipped, run.processed, run.reused, run.removed) == (2, 2, 1, 1)
+    assert (run.skipped, run.processed, run.reused, run.removed) == (2, 3, 2, 2)
     rows = {Path(r["uri"]).name: r for r in OutputStore(str(out)).read_table("files").to_pylist()}
-    assert set(rows) == {"long.wav", "short.wav", "long-copy.wav", "short-copy.wav", "new.wav"}
+    assert set(rows) == set(actions)
+    assert rows["moved-to.wav"]["reused_from"] == str(audio / "moved.wav")
+    assert rows["changed.wav"]["run_id"] == run.run_id and rows["changed.wav"]["duration_s"] == 2.0
     assert (rows["long-copy.wav"]["status"], rows["long-copy.wav"]["error_type"]) == (STATUS_ERROR, "too_large")
     assert rows["short-copy.wav"]["reused_from"] == rows["short.wav"]["uri"]
     assert rows["new.wav"]["status"] == STATUS_OK and rows["new.wav"]["run_id"] == run.run_id
